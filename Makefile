@@ -1,0 +1,42 @@
+# lctool: every target sets itself up into .venv/ first, so `make demo` and `make test` work on a fresh clone.
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+LCTOOL  := .venv/bin/lctool
+STAMP   := .venv/.installed
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+
+.PHONY: setup demo test test-fast bench lint soak clean testbed
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PY) -c "import torch; assert not torch.version.cuda, 'a CUDA torch was installed'; print('torch', torch.__version__)"
+	touch $(STAMP)
+
+demo: setup
+	bash demo/run.sh
+
+test: setup
+	$(PY) -m pytest -n 2 --timeout 900 -q
+
+test-fast: setup
+	$(PY) -m pytest -n 2 -q -m "not testbed and not slow"
+
+testbed: setup
+	$(LCTOOL) testbed build
+
+bench: setup
+	for b in bench/*.py; do $(PY) $$b || exit 1; done
+
+lint: setup
+	.venv/bin/ruff check lctool tests bench
+
+soak: setup
+	LCTOOL_SOAK=1 $(PY) -m pytest -q tests/reliability
+
+clean:
+	rm -rf .venv build *.egg-info demo-out

@@ -1,0 +1,207 @@
+"""A family bound to one config.json: names, shapes and RoPE settings of a concrete checkpoint."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cached_property
+
+from lctool.arch.families import ATTN_ROLES, FAMILIES, LINEAR_ROLES, MLP_ROLES, MODEL_TYPE_TO_FAMILY, Family
+from lctool.arch.rope import RopeSettings, read_rope
+from lctool.errors import LctoolError, check
+
+
+def supported_families() -> list[str]:
+    return sorted(FAMILIES)
+
+
+def family_of(config: dict) -> Family:
+    model_type = config.get("model_type")
+    family = MODEL_TYPE_TO_FAMILY.get(model_type)
+    if family is None:
+        raise LctoolError(
+            f"unsupported architecture {model_type!r} (supported: {', '.join(supported_families())})"
+        )
+    return family
+
+
+@dataclass(frozen=True)
+class TensorRole:
+    """What a tensor name means: `layer` is None for embed/lm_head/final_norm."""
+
+    role: str
+    layer: int | None
+    kind: str  # "weight" or "bias"
+
+
+class ModelArch:
+    """Names, shapes and head layout of one checkpoint, from its config.json alone."""
+
+    def __init__(self, config: dict):
+        check(isinstance(config, dict), "config.json is not a JSON object")
+        self.config = config
+        self.family = family_of(config)
+        self.hidden_size = self._positive_int("hidden_size")
+        self.num_layers = self._positive_int("num_hidden_layers")
+        self.num_heads = self._positive_int("num_attention_heads")
+        self.num_kv_heads = int(config.get("num_key_value_heads") or self.num_heads)
+        self.intermediate_size = self._positive_int("intermediate_size")
+        self.vocab_size = self._positive_int("vocab_size")
+        head_dim = config.get("head_dim")
+        self.head_dim = int(head_dim) if head_dim else self.hidden_size // self.num_heads
+        check(
+            self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0,
+            f"num_attention_heads ({self.num_heads}) is not a multiple of num_key_value_heads ({self.num_kv_heads})",
+        )
+        check(self.head_dim > 0, "head_dim must be positive")
+
+    def _positive_int(self, key: str) -> int:
+        value = self.config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise LctoolError(f"config.json: {key} must be a positive integer, got {value!r}")
+        return value
+
+    # ---- facts ---------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.family.name
+
+    @property
+    def tied(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", self.family.tie_default))
+
+    @property
+    def gqa_group(self) -> int:
+        """Query heads sharing one key/value head."""
+        return self.num_heads // self.num_kv_heads
+
+    @cached_property
+    def rope(self) -> RopeSettings:
+        return read_rope(self.config)
+
+    @property
+    def max_positions(self) -> int | None:
+        return self.config.get("max_position_embeddings")
+
+    # ---- names ---------------------------------------------------------------------------------
+    def layer_prefix(self, layer: int) -> str:
+        return f"{self.family.layers}.{layer}"
+
+    def module(self, role: str, layer: int | None = None) -> str:
+        """Module path of a role: `module("q", 3)` -> `model.layers.3.self_attn.q_proj`."""
+        if role in ("embed", "lm_head", "final_norm"):
+            return getattr(self.family, role)
+        if role not in self.family.layer_modules:
+            raise LctoolError(
+                f"unknown role {role!r} for {self.name} (roles: {', '.join(self.roles())})"
+            )
+        if layer is None or not 0 <= layer < self.num_layers:
+            raise LctoolError(f"layer {layer} is outside 0..{self.num_layers - 1}")
+        return f"{self.layer_prefix(layer)}.{self.family.layer_modules[role]}"
+
+    def weight(self, role: str, layer: int | None = None) -> str:
+        return self.module(role, layer) + ".weight"
+
+    def has_bias(self, role: str) -> bool:
+        if role in self.family.fixed_bias_roles:
+            return True
+        key = self.family.attention_bias_key if role in ATTN_ROLES else None
+        if role in MLP_ROLES:
+            key = self.family.mlp_bias_key
+        return bool(key and self.config.get(key))
+
+    def roles(self) -> list[str]:
+        return ["embed", "lm_head", "final_norm", *self.family.layer_modules]
+
+    def linear_roles(self, selection: str | list[str] = "all") -> list[str]:
+        """Resolve `attn`, `mlp`, `all` or an explicit role list into linear roles (validated)."""
+        if isinstance(selection, str):
+            groups = {"attn": list(ATTN_ROLES), "mlp": list(MLP_ROLES), "all": list(LINEAR_ROLES)}
+            if selection in groups:
+                return groups[selection]
+            selection = [s.strip() for s in selection.split(",") if s.strip()]
+        for role in selection:
+            if role not in LINEAR_ROLES:
+                raise LctoolError(
+                    f"unknown role {role!r} (linear roles: {', '.join(LINEAR_ROLES)}; or attn, mlp, all)"
+                )
+        return list(selection)
+
+    def module_names_for_roles(self, roles: list[str]) -> list[str]:
+        """Leaf module names (`q_proj`) as peft's `target_modules` wants them."""
+        return sorted({self.family.layer_modules[r].split(".")[-1] for r in roles})
+
+    # ---- shapes --------------------------------------------------------------------------------
+    def linear_shape(self, role: str) -> tuple[int, int]:
+        """(out_features, in_features) of a linear role."""
+        h, hd = self.hidden_size, self.head_dim
+        return {
+            "q": (self.num_heads * hd, h),
+            "k": (self.num_kv_heads * hd, h),
+            "v": (self.num_kv_heads * hd, h),
+            "o": (h, self.num_heads * hd),
+            "gate": (self.intermediate_size, h),
+            "up": (self.intermediate_size, h),
+            "down": (h, self.intermediate_size),
+        }[role]
+
+    def layer_tensor_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
+        for role in self.family.layer_modules:
+            if role in LINEAR_ROLES:
+                out_f, in_f = self.linear_shape(role)
+                shapes[self.weight(role, layer)] = (out_f, in_f)
+                if self.has_bias(role):
+                    shapes[self.module(role, layer) + ".bias"] = (out_f,)
+            else:
+                size = self.head_dim if role in self.family.head_norm_roles else self.hidden_size
+                shapes[self.weight(role, layer)] = (size,)
+        return shapes
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor a dense checkpoint of this config holds, with its shape."""
+        shapes: dict[str, tuple[int, ...]] = {
+            self.weight("embed"): (self.vocab_size, self.hidden_size),
+            self.weight("final_norm"): (self.hidden_size,),
+        }
+        if not self.tied:
+            shapes[self.weight("lm_head")] = (self.vocab_size, self.hidden_size)
+        for layer in range(self.num_layers):
+            shapes.update(self.layer_tensor_shapes(layer))
+        return shapes
+
+    # ---- parsing names -------------------------------------------------------------------------
+    @cached_property
+    def _name_pattern(self) -> re.Pattern:
+        by_path = {path: role for role, path in self.family.layer_modules.items()}
+        alternatives = "|".join(re.escape(p) for p in sorted(by_path, key=len, reverse=True))
+        self._role_by_path = by_path
+        return re.compile(rf"^{re.escape(self.family.layers)}\.(\d+)\.({alternatives})\.(weight|bias)$")
+
+    def classify(self, tensor_name: str) -> TensorRole | None:
+        """The role of a tensor name, or None when the map does not know it."""
+        for role in ("embed", "lm_head", "final_norm"):
+            base = getattr(self.family, role)
+            if tensor_name in (base + ".weight", base + ".bias"):
+                return TensorRole(role, None, tensor_name.rsplit(".", 1)[1])
+        match = self._name_pattern.match(tensor_name)
+        if not match:
+            return None
+        return TensorRole(self._role_by_path[match.group(2)], int(match.group(1)), match.group(3))
+
+    def layer_of(self, tensor_name: str) -> int | None:
+        found = self.classify(tensor_name)
+        return found.layer if found else None
+
+    def summary(self) -> dict:
+        return {
+            "family": self.name,
+            "layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "heads": self.num_heads,
+            "kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "tied_embeddings": self.tied,
+        }

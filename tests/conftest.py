@@ -1,0 +1,39 @@
+import os
+import sys
+
+# Triton's interpreter must be chosen before triton is imported anywhere (kernel parity tests on CPU).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    from tests.tiny_models import save_tiny
+
+    return save_tiny(str(tmp_path / "tiny"))
+
+
+@pytest.fixture
+def run_cli():
+    """Run the CLI in-process; returns (exit_code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from lctool.cli.main import run
+
+    def _run(*args):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = run([str(a) for a in args])
+        return code, out.getvalue(), err.getvalue()
+
+    return _run
