@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import uuid
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -55,15 +56,16 @@ def read_verified(path: Path, expected_sha256: str) -> bytes | None:
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` so that readers, even concurrent ones, see the old file or the new, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".lctool-tmp-")
+    # A unique sibling name, opened like any new file so it gets the usual permissions.
+    temp = path.with_name(f".lctool-tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with open(temp, "xb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temp_name, path)
+        os.replace(temp, path)
     except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise
 
 

@@ -35,6 +35,7 @@ _DROPPED_ELEMENTS = re.compile(
     r"[^>]*>.*?</\1\s*>",
     re.I | re.S,
 )
+_LINE_BREAK = re.compile(r"<br\s*/?>", re.I)
 _TAG = re.compile(r"</?[a-zA-Z][a-zA-Z0-9]*\b[^<>]*>")
 # A caption may hold single brackets ("Bicyclo[1.1.0]butane"), never a nested [[link]].
 _INTERNAL_LINK = re.compile(r"\[\[((?:[^\[\]]|\[(?!\[)|\](?!\]))*)\]\]")
@@ -47,6 +48,8 @@ _EMPTY_BRACKETS = re.compile(r"\(\s*[,;:]?\s*\)|\[\s*\]")
 _SPACE_BEFORE_PUNCTUATION = re.compile(r"[ \t]+([,.;:!?)\]])")
 _SPACE_AFTER_OPENING = re.compile(r"([(\[])[ \t]+")
 _REPEATED_PUNCTUATION = re.compile(r"([,;])(?:\s*[,;])+")
+# "(French: ; born 1900)" once the pronunciation template inside is gone.
+_DANGLING_SEPARATOR = re.compile(r"\s*[,;:]+\s*(?=\))|(?<=\()\s*[,;:]+\s*")
 _SPACES = re.compile(r"[ \t\u00a0\u2009\u200b]+")
 _LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}(?:-[a-z]+)?$|^simple$")
 
@@ -88,6 +91,7 @@ def clean_article(title: str, markup: str) -> str:
     text = _replace_internal_links(text)
     text = _EXTERNAL_LINK.sub(lambda m: m.group(1) or "", text)
     text = _BARE_URL.sub("", text)
+    text = _LINE_BREAK.sub("\n", text)
     text = _TAG.sub("", text)
     text = _EMPHASIS.sub("", text)
     text = _BEHAVIOUR_SWITCH.sub("", text)
@@ -148,6 +152,7 @@ def _tidy(line: str) -> str:
         line = _SPACE_BEFORE_PUNCTUATION.sub(r"\1", line)
         line = _SPACE_AFTER_OPENING.sub(r"\1", line)
         line = _REPEATED_PUNCTUATION.sub(r"\1", line)
+        line = _DANGLING_SEPARATOR.sub("", line)
     return _SPACES.sub(" ", line).strip()
 
 
