@@ -21,6 +21,7 @@ demo: setup
 	bash demo/run.sh
 
 test: setup
+	$(LCTOOL) testbed build --quiet
 	$(PY) -m pytest -n 2 --timeout 900 -q
 
 test-fast: setup

@@ -37,3 +37,11 @@ def run_cli():
         return code, out.getvalue(), err.getvalue()
 
     return _run
+
+
+@pytest.fixture(scope="session")
+def testbed_dir():
+    """The quick testbed model (built once per machine and cached; minutes the first time)."""
+    from lctool.ops.testbed import testbed_path
+
+    return testbed_path(preset="quick", build=True)

@@ -298,3 +298,20 @@ def test_inspect_cli(tmp_path, run_cli):
     assert info["lctool"]["lineage"][0]["operation"] == "convert"
     code, out, _ = run_cli("inspect", dst)
     assert code == 0 and "llama" in out and "lineage" in out
+
+
+def test_streamed_shard_with_reserved_header(tmp_path, monkeypatch):
+    """Large shards stream after a reserved header; a header that outgrows it is still correct."""
+    from lctool.io import writer as writer_mod
+
+    monkeypatch.setattr(writer_mod, "STREAM_AFTER_BYTES", 1000)
+    monkeypatch.setattr(writer_mod, "MAX_HEADER_RESERVE", 4096)
+    monkeypatch.setattr(writer_mod, "MIN_HEADER_RESERVE", 64)
+    tensors = {f"layer.{i}.weight": torch.randn(8, 40) for i in range(300)}  # header >> 4 KB
+    for name, count in (("fits", 3), ("grows", 300)):
+        target = str(tmp_path / name)
+        with CheckpointWriter(target, operation="t", require_config=False) as w:
+            for key in list(tensors)[:count]:
+                w.add_tensor(key, tensors[key])
+        back = load_file(os.path.join(target, "model.safetensors"))
+        assert len(back) == count and all(torch.equal(back[k], tensors[k]) for k in back)

@@ -125,7 +125,7 @@ def _entry(path: str, name: str, info: object, data_size: int) -> TensorEntry:
     if not isinstance(info, dict):
         raise _fail(path, f"entry {name!r} is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise _fail(path, f"tensor {name!r} has unknown dtype {dtype!r}")
     if (
         not isinstance(shape, list)
@@ -156,14 +156,24 @@ def _check_layout(path: str, entries: dict[str, TensorEntry], data_size: int) ->
         previous_end, previous_name = max(previous_end, entry.end), entry.name
 
 
-def encode_header(entries: list[tuple[str, str, tuple[int, ...], int, int]], metadata: dict | None) -> bytes:
+def encode_header(
+    entries: list[tuple[str, str, tuple[int, ...], int, int]],
+    metadata: dict | None,
+    total_length: int | None = None,
+) -> bytes:
     """The 8-byte length + JSON header for (name, dtype, shape, start, end) entries, padded with
-    spaces so the data section starts 8-byte aligned (as the safetensors library writes it)."""
+    spaces so the data section starts 8-byte aligned (as the safetensors library writes it), or
+    padded to exactly `total_length` bytes (a header written into space reserved before the data)."""
     header: dict = {}
     if metadata:
         header["__metadata__"] = metadata
     for name, dtype, shape, start, end in entries:
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [start, end]}
     body = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    body += b" " * ((8 - len(body) % 8) % 8)
+    if total_length is not None:
+        if len(body) + 8 > total_length:
+            raise ValueError("header does not fit the reserved space")
+        body += b" " * (total_length - 8 - len(body))
+    else:
+        body += b" " * ((8 - len(body) % 8) % 8)
     return struct.pack("<Q", len(body)) + body

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import fcntl
 import json
 import os
@@ -94,47 +93,95 @@ def _uint8():
     return torch.uint8
 
 
-class _Shard:
-    """One shard in progress: a scratch data file plus the header entries written so far."""
+# Shards smaller than this are assembled in memory and written once; larger ones stream to disk.
+STREAM_AFTER_BYTES = 16 * 1024 * 1024
+# Room reserved for a streamed shard's header: twice what the tensors seen so far predict for a full
+# shard, within these bounds. A header that outgrows it costs one extra copy of the shard, never an error.
+MIN_HEADER_RESERVE, MAX_HEADER_RESERVE = 4096, 8 * 1024 * 1024
 
-    def __init__(self, folder: str, number: int):
-        self.data_path = os.path.join(folder, f".shard-{number:05d}.data")
-        self.final_tmp = os.path.join(folder, f".shard-{number:05d}.safetensors")
-        self.file = open(self.data_path, "wb")  # noqa: SIM115 - closed in finish()
+
+def _fsync_wanted() -> bool:
+    # Renaming only complete folders already protects against killed processes; fsync adds safety
+    # against power loss at a large cost in write throughput, so it is opt-in.
+    return os.environ.get("LCTOOL_FSYNC", "") not in ("", "0")
+
+
+class _Shard:
+    """One shard in progress.
+
+    Its data is held in memory until it passes STREAM_AFTER_BYTES; then it goes straight into the
+    final file after a reserved, space-padded header region (the safetensors format allows trailing
+    whitespace in the header), so a large shard is written exactly once.
+    """
+
+    def __init__(self, folder: str, number: int, max_bytes: int):
+        self.path = os.path.join(folder, f".shard-{number:05d}.safetensors")
+        self.max_bytes = max_bytes
         self.entries: list[tuple[str, str, tuple[int, ...], int, int]] = []
         self.size = 0
+        self.pending: list[memoryview] = []
+        self.file = None
+        self.reserved = 0
 
     def add(self, name: str, tensor) -> None:
         tensor = tensor.detach().to("cpu").contiguous()
         dtype = safetensors_dtype(tensor.dtype)
         if dtype is None:
             raise LctoolError(f"cannot store tensor {name} of dtype {tensor.dtype} in safetensors")
-        raw = tensor.reshape(-1).view(_uint8()).numpy() if tensor.numel() else b""
-        self.file.write(memoryview(raw))
         nbytes = tensor.numel() * tensor.element_size()
+        raw = memoryview(tensor.reshape(-1).view(_uint8()).numpy()) if nbytes else memoryview(b"")
         self.entries.append((name, dtype, tuple(tensor.shape), self.size, self.size + nbytes))
         self.size += nbytes
+        if self.file is not None:
+            self.file.write(raw)
+            return
+        self.pending.append(raw)
+        if self.size >= STREAM_AFTER_BYTES:
+            self._start_streaming()
+
+    def _start_streaming(self) -> None:
+        header_so_far = len(encode_header(self.entries, {"format": "pt"}))
+        predicted = header_so_far * max(1.0, self.max_bytes / max(self.size, 1))
+        reserve = int(min(MAX_HEADER_RESERVE, max(MIN_HEADER_RESERVE, 2 * predicted)))
+        self.reserved = reserve + (-reserve % 8)
+        self.file = open(self.path, "wb")  # noqa: SIM115 - closed in finish()
+        self.file.seek(self.reserved)
+        for raw in self.pending:
+            self.file.write(raw)
+        self.pending = []
 
     def finish(self, metadata: dict) -> None:
-        """Write header + data into the shard's final file (kernel-side copy where possible)."""
+        header = encode_header(self.entries, metadata)
+        if self.file is None:
+            with open(self.path, "wb") as out:
+                out.write(header)
+                for raw in self.pending:
+                    out.write(raw)
+                if _fsync_wanted():
+                    os.fsync(out.fileno())
+            self.pending = []
+            return
+        if len(header) <= self.reserved:
+            self.file.seek(0)
+            self.file.write(encode_header(self.entries, metadata, total_length=self.reserved))
+            if _fsync_wanted():
+                self.file.flush()
+                os.fsync(self.file.fileno())
+            self.file.close()
+            return
         self.file.close()
-        with open(self.final_tmp, "wb") as out, open(self.data_path, "rb") as data:
-            out.write(encode_header(self.entries, metadata))
-            out.flush()
-            remaining = self.size
-            while remaining > 0:
-                try:
-                    copied = os.copy_file_range(data.fileno(), out.fileno(), remaining)
-                except OSError as e:
-                    if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                        raise
-                    shutil.copyfileobj(data, out, 16 * 1024 * 1024)
-                    break
-                if copied == 0:
-                    break
-                remaining -= copied
-            os.fsync(out.fileno())
-        os.remove(self.data_path)
+        self._rewrite_with_header(header)
+
+    def _rewrite_with_header(self, header: bytes) -> None:
+        """The header outgrew its reserve: write header + data into a new file (one copy)."""
+        moved = self.path + ".grown"
+        with open(self.path, "rb") as data, open(moved, "wb") as out:
+            out.write(header)
+            data.seek(self.reserved)
+            shutil.copyfileobj(data, out, 16 * 1024 * 1024)
+            if _fsync_wanted():
+                os.fsync(out.fileno())
+        os.replace(moved, self.path)
 
 
 class CheckpointWriter:
@@ -235,7 +282,7 @@ class CheckpointWriter:
         nbytes = tensor.numel() * tensor.element_size()
         shard = self._shards[-1] if self._shards else None
         if shard is None or (shard.size and shard.size + nbytes > self.max_shard_size):
-            shard = _Shard(self.tmp, len(self._shards) + 1)
+            shard = _Shard(self.tmp, len(self._shards) + 1, self.max_shard_size)
             self._shards.append(shard)
         shard.add(name, tensor)
 
@@ -281,7 +328,7 @@ class CheckpointWriter:
         for number, shard in enumerate(self._shards, start=1):
             shard.finish(metadata)
             final = SINGLE_FILE if total == 1 else f"model-{number:05d}-of-{total:05d}.safetensors"
-            os.replace(shard.final_tmp, os.path.join(self.tmp, final))
+            os.replace(shard.path, os.path.join(self.tmp, final))
             weight_map.update({entry[0]: final for entry in shard.entries})
             total_size += shard.size
         if total > 1:
@@ -301,7 +348,8 @@ class CheckpointWriter:
             results=self.results,
         )
         self.write_json(MANIFEST_FILE, manifest)
-        _fsync_dir(self.tmp)
+        if _fsync_wanted():
+            _fsync_dir(self.tmp)
         self._move_into_place()
 
     def _move_into_place(self) -> None:
@@ -315,7 +363,8 @@ class CheckpointWriter:
             os.rename(self.target, aside)
             os.rename(self.tmp, self.target)
             os.rename(aside, self.tmp)
-        _fsync_dir(os.path.dirname(self.target))
+        if _fsync_wanted():
+            _fsync_dir(os.path.dirname(self.target))
 
 
 def _fsync_dir(path: str) -> None:

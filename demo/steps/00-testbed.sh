@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Build (or reuse) the embedded testbed, round-trip it through lctool's writer, and inspect the copy.
+set -euo pipefail
+"$LCTOOL" testbed build
+TESTBED=$("$LCTOOL" testbed path)
+"$LCTOOL" convert "$TESTBED" "$DEMO_OUT/testbed-copy" --max-shard-size 10MB --force --quiet
+"$LCTOOL" inspect "$DEMO_OUT/testbed-copy"
