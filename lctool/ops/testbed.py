@@ -61,6 +61,22 @@ class TestbedRecipe(BaseModel):
 
 PRESETS: dict[str, TestbedRecipe] = {
     "quick": TestbedRecipe(preset="quick"),
+    # Benchmarks: ~3x the parameters, ~12x the training tokens (about 45 CPU minutes on 2 cores),
+    # and 5% synthetic retrieval rows so that passkey accuracy at L0 is meaningful.
+    "bench": TestbedRecipe(
+        preset="bench",
+        vocab_size=4096,
+        hidden_size=384,
+        intermediate_size=1024,
+        num_layers=6,
+        num_heads=6,
+        num_kv_heads=2,
+        steps=1600,
+        batch_size=16,
+        lr=2e-3,
+        warmup_steps=80,
+        retrieval_share=0.05,
+    ),
 }
 
 
@@ -164,6 +180,44 @@ def training_stream(tokens, recipe: TestbedRecipe, retrieval=None):
         yield {"input_ids": batch, "labels": batch}
 
 
+# ---- synthetic retrieval rows (bench preset) -----------------------------------------------------
+# Deliberately unlike the evaluation's passkey prompts (lctool.eval.passkey): the filler is real wiki
+# text (not "The grass is green..."), the thing to recall has other names and 3-6 digits (the
+# evaluation asks for a 5-digit "pass key"), and the phrasing differs. What transfers is the skill:
+# find a fact stated once, anywhere in the window, and copy it at the end.
+RETRIEVAL_NAMES = ("secret number", "access code", "magic number", "door code", "lucky number", "room number")
+
+
+def retrieval_row(tokenizer, filler_ids: list[int], context: int, generator) -> list[int]:
+    """One training row: wiki filler with a stated number at a random depth, then its recall."""
+    import torch
+
+    name = RETRIEVAL_NAMES[int(torch.randint(len(RETRIEVAL_NAMES), (1,), generator=generator))]
+    digits = int(torch.randint(3, 7, (1,), generator=generator))
+    value = "".join(str(int(d)) for d in torch.randint(0, 10, (digits,), generator=generator))
+    fact = tokenizer(f" Note: the {name} is {value}. Keep the {name} in mind.", add_special_tokens=False)["input_ids"]
+    recall = tokenizer(f" Question: what was the {name}? Answer: the {name} was {value}.",
+                       add_special_tokens=False)["input_ids"]
+    room = context - len(fact) - len(recall)
+    filler = filler_ids[: max(room, 0)]
+    depth = int(torch.randint(0, len(filler) + 1, (1,), generator=generator))
+    return (filler[:depth] + fact + filler[depth:] + recall)[:context]
+
+
+def retrieval_mixer(tokenizer, share: float, context: int):
+    """Replace a `share` of each batch's rows by retrieval rows built from the rows' own text."""
+    import torch
+
+    def mix(batch, generator):
+        chosen = torch.rand(batch.shape[0], generator=generator) < share
+        for row in chosen.nonzero().flatten().tolist():
+            built = retrieval_row(tokenizer, batch[row].tolist(), context, generator)
+            batch[row, : len(built)] = torch.tensor(built)
+        return batch
+
+    return mix
+
+
 def build_testbed(recipe: TestbedRecipe, path: str, log=None) -> str:
     """Train the tokenizer and the model of `recipe` and write them to `path` (atomically)."""
     import torch
@@ -201,7 +255,8 @@ def build_testbed(recipe: TestbedRecipe, path: str, log=None) -> str:
             seed=recipe.seed,
             description=f"testbed {recipe.preset}",
         )
-        result = train(model, training_stream(tokens, recipe), config)
+        retrieval = retrieval_mixer(tokenizer, recipe.retrieval_share, recipe.context) if recipe.retrieval_share else None
+        result = train(model, training_stream(tokens, recipe, retrieval), config)
         model.eval()
         results = {
             "parameters": parameters,
