@@ -101,6 +101,11 @@ OPS = {f.__name__[3:]: f for f in (op_read_lctool, op_read_safetensors, op_write
 
 
 def worker(op: str, src: str, dst: str) -> None:
+    import safetensors.torch  # noqa: F401 - imports are not what is measured
+    import torch  # noqa: F401
+
+    import lctool.io  # noqa: F401
+
     start = time.perf_counter()
     OPS[op](src, dst)
     wall = time.perf_counter() - start

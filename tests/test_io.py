@@ -315,3 +315,29 @@ def test_streamed_shard_with_reserved_header(tmp_path, monkeypatch):
                 w.add_tensor(key, tensors[key])
         back = load_file(os.path.join(target, "model.safetensors"))
         assert len(back) == count and all(torch.equal(back[k], tensors[k]) for k in back)
+
+
+def test_many_live_tensors_and_writes_stay_private(tmp_path):
+    """Mapped tensors are copy-on-write (writing one never touches the file), and thousands can
+    be alive at once."""
+    import resource
+
+    path = str(tmp_path / "many")
+    with CheckpointWriter(path, operation="t", require_config=False) as w:
+        for i in range(300):
+            w.add_tensor(f"t{i}", torch.full((4, 1024), float(i)))
+    before = open(os.path.join(path, "model.safetensors"), "rb").read()
+    from lctool.io.safetensors_format import read_header
+
+    header = read_header(os.path.join(path, "model.safetensors"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # fewer descriptors than tensors
+    try:
+        fake = Checkpoint.__new__(Checkpoint)
+        fake.headers, fake._file_of = {"model.safetensors": header}, dict.fromkeys(header.entries, "model.safetensors")
+        alive = [fake.get(f"t{i}") for i in range(300)]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert all(float(t[0, 0]) == i for i, t in enumerate(alive))
+    alive[5].add_(1000)
+    assert open(os.path.join(path, "model.safetensors"), "rb").read() == before

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 from lctool.arch import ModelArch
 from lctool.errors import LctoolError
+from lctool.io.mapping import map_range
 from lctool.io.paths import inside
 from lctool.io.safetensors_format import SafetensorsHeader, TensorEntry, read_header
 
@@ -20,6 +21,8 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 MANIFEST_FILE = "lctool.json"
 MAX_JSON_BYTES = 64 * 1024 * 1024
+
+
 
 # Files a derived checkpoint carries over unchanged when the op does not rewrite them.
 TOKENIZER_FILES = (
@@ -176,20 +179,49 @@ class Checkpoint:
 
     # ---- tensors -----------------------------------------------------------------------------------
     def get(self, name: str, dtype=None):
-        """Read one tensor from disk into a fresh CPU tensor (optionally cast)."""
+        """One tensor as a CPU tensor (optionally cast).
+
+        The tensor maps just its own bytes of the file copy-on-write: no copy is made until someone
+        writes to it, and the mapping goes when the tensor does, so reading a whole checkpoint tensor
+        by tensor keeps memory at about one tensor. Misaligned data falls back to a plain read.
+        """
         import torch
 
         entry = self.entry(name)
         header = self.headers[self._file_of[name]]
-        buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
-        if entry.nbytes:
-            with open(header.path, "rb") as f:
-                f.seek(header.data_start + entry.start)
-                read = f.readinto(memoryview(buffer.numpy()))
-            if read != entry.nbytes:
-                raise LctoolError(f"{os.path.basename(header.path)}: tensor {name!r} is truncated")
-        tensor = buffer.view(entry.torch_dtype).reshape(entry.shape)
+        offset = header.data_start + entry.start
+        element = torch.empty((), dtype=entry.torch_dtype).element_size()
+        if entry.nbytes == 0:
+            tensor = torch.empty(entry.shape, dtype=entry.torch_dtype)
+        elif offset % element == 0:
+            tensor = self._mapped(header.path, offset, entry).view(entry.torch_dtype).reshape(entry.shape)
+        else:
+            tensor = self._read(header.path, offset, entry).view(entry.torch_dtype).reshape(entry.shape)
         return tensor if dtype is None or dtype == tensor.dtype else tensor.to(dtype)
+
+    @staticmethod
+    def _mapped(path: str, offset: int, entry: TensorEntry):
+        import torch
+
+        if os.path.getsize(path) < offset + entry.nbytes:
+            raise LctoolError(f"{os.path.basename(path)}: tensor {entry.name!r} is truncated")
+        try:
+            buffer, start = map_range(path, offset, entry.nbytes)
+        except OSError:
+            return Checkpoint._read(path, offset, entry)
+        return torch.frombuffer(buffer, dtype=torch.uint8, offset=start, count=entry.nbytes)
+
+    @staticmethod
+    def _read(path: str, offset: int, entry: TensorEntry):
+        import torch
+
+        buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            read = f.readinto(memoryview(buffer.numpy()))
+        if read != entry.nbytes:
+            raise LctoolError(f"{os.path.basename(path)}: tensor {entry.name!r} is truncated")
+        return buffer
 
     def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, object]]:
         """(name, tensor) one at a time, in on-disk order for sequential reads."""
