@@ -41,6 +41,8 @@ class Family:
     lm_head: str = "lm_head"
     final_norm: str = "model.norm"
     layers: str = "model.layers"
+    # The model-level rotary embedding module (computes the cos/sin every decoder layer takes).
+    rotary: str = "model.rotary_emb"
     # Roles whose Linear carries a bias regardless of config (Qwen2 q/k/v).
     fixed_bias_roles: tuple[str, ...] = ()
     # Config key that switches biases on for all attention projections (Llama's attention_bias).
@@ -54,6 +56,10 @@ class Family:
     head_norm_roles: tuple[str, ...] = ()
     # tie_word_embeddings when config.json does not say (the transformers config class default).
     tie_default: bool = False
+    # transformers' config refuses num_attention_heads that do not divide hidden_size, even with an
+    # explicit head_dim (LlamaConfig.validate_architecture in transformers 5.23): a stock-loadable
+    # pruned model must keep such a head count.
+    heads_divide_hidden: bool = False
     notes: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -65,11 +71,11 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("llama", ("llama",), "LlamaForCausalLM", dict(_LLAMA_LAYER)),
-        Family("mistral", ("mistral",), "MistralForCausalLM", dict(_LLAMA_LAYER), attention_bias_key=None, mlp_bias_key=None),
+        Family("llama", ("llama", "clex_llama"), "LlamaForCausalLM", dict(_LLAMA_LAYER), heads_divide_hidden=True),
+        Family("mistral", ("mistral", "clex_mistral"), "MistralForCausalLM", dict(_LLAMA_LAYER), attention_bias_key=None, mlp_bias_key=None),
         Family(
             "qwen2",
-            ("qwen2",),
+            ("qwen2", "clex_qwen2"),
             "Qwen2ForCausalLM",
             dict(_LLAMA_LAYER),
             fixed_bias_roles=("q", "k", "v"),
@@ -78,7 +84,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             "qwen3",
-            ("qwen3",),
+            ("qwen3", "clex_qwen3"),
             "Qwen3ForCausalLM",
             {**_LLAMA_LAYER, "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"},
             mlp_bias_key=None,
@@ -86,7 +92,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             "gemma",
-            ("gemma",),
+            ("gemma", "clex_gemma"),
             "GemmaForCausalLM",
             dict(_LLAMA_LAYER),
             norm_weight_offset=1.0,
@@ -98,4 +104,6 @@ FAMILIES: dict[str, Family] = {
     )
 }
 
+# `clex_<type>`: the same model with a CLEX rotary embedding (lctool extend --method clex), whose
+# modeling_clex.py subclasses the stock class; tensor names and shapes are the family's.
 MODEL_TYPE_TO_FAMILY = {mt: fam for fam in FAMILIES.values() for mt in fam.model_types}
