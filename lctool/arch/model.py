@@ -10,6 +10,12 @@ from lctool.arch.families import ATTN_ROLES, FAMILIES, LINEAR_ROLES, MLP_ROLES, 
 from lctool.arch.rope import RopeSettings, read_rope
 from lctool.errors import LctoolError, check
 
+# Config key of per-layer sizes, written by `lctool prune` when layers end up of different sizes:
+# {"num_attention_heads": [...], "num_key_value_heads": [...], "intermediate_size": [...]}, one entry
+# per layer. The top-level sizes stay those of the unpruned model (what the stock classes build first).
+LAYER_SIZES_KEY = "pruned_layer_sizes"
+_LAYER_SIZE_FIELDS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+
 
 def supported_families() -> list[str]:
     return sorted(FAMILIES)
@@ -54,6 +60,23 @@ class ModelArch:
             f"num_attention_heads ({self.num_heads}) is not a multiple of num_key_value_heads ({self.num_kv_heads})",
         )
         check(self.head_dim > 0, "head_dim must be positive")
+        self.layer_sizes = self._read_layer_sizes()
+
+    def _read_layer_sizes(self) -> dict[str, list[int]] | None:
+        sizes = self.config.get(LAYER_SIZES_KEY)
+        if sizes is None:
+            return None
+        check(isinstance(sizes, dict) and set(sizes) == set(_LAYER_SIZE_FIELDS),
+              f"config.json: {LAYER_SIZES_KEY} must hold exactly {', '.join(_LAYER_SIZE_FIELDS)}")
+        for key, values in sizes.items():
+            check(isinstance(values, list) and len(values) == self.num_layers
+                  and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values),
+                  f"config.json: {LAYER_SIZES_KEY}.{key} must list {self.num_layers} positive integers")
+        pairs = zip(sizes["num_attention_heads"], sizes["num_key_value_heads"], strict=True)
+        for layer, (heads, kv) in enumerate(pairs):
+            check(heads % kv == 0, f"config.json: {LAYER_SIZES_KEY}: layer {layer} has {heads} heads, "
+                                   f"not a multiple of its {kv} key/value heads")
+        return sizes
 
     def _positive_int(self, key: str) -> int:
         value = self.config.get(key)
@@ -82,6 +105,15 @@ class ModelArch:
     @property
     def max_positions(self) -> int | None:
         return self.config.get("max_position_embeddings")
+
+    def heads_in(self, layer: int) -> int:
+        return self.layer_sizes["num_attention_heads"][layer] if self.layer_sizes else self.num_heads
+
+    def kv_heads_in(self, layer: int) -> int:
+        return self.layer_sizes["num_key_value_heads"][layer] if self.layer_sizes else self.num_kv_heads
+
+    def intermediate_in(self, layer: int) -> int:
+        return self.layer_sizes["intermediate_size"][layer] if self.layer_sizes else self.intermediate_size
 
     # ---- names ---------------------------------------------------------------------------------
     def layer_prefix(self, layer: int) -> str:
@@ -132,24 +164,27 @@ class ModelArch:
         return sorted({self.family.layer_modules[r].split(".")[-1] for r in roles})
 
     # ---- shapes --------------------------------------------------------------------------------
-    def linear_shape(self, role: str) -> tuple[int, int]:
-        """(out_features, in_features) of a linear role."""
+    def linear_shape(self, role: str, layer: int | None = None) -> tuple[int, int]:
+        """(out_features, in_features) of a linear role (of `layer`, when layers differ in size)."""
         h, hd = self.hidden_size, self.head_dim
+        heads, kv, inter = self.num_heads, self.num_kv_heads, self.intermediate_size
+        if layer is not None and self.layer_sizes:
+            heads, kv, inter = self.heads_in(layer), self.kv_heads_in(layer), self.intermediate_in(layer)
         return {
-            "q": (self.num_heads * hd, h),
-            "k": (self.num_kv_heads * hd, h),
-            "v": (self.num_kv_heads * hd, h),
-            "o": (h, self.num_heads * hd),
-            "gate": (self.intermediate_size, h),
-            "up": (self.intermediate_size, h),
-            "down": (h, self.intermediate_size),
+            "q": (heads * hd, h),
+            "k": (kv * hd, h),
+            "v": (kv * hd, h),
+            "o": (h, heads * hd),
+            "gate": (inter, h),
+            "up": (inter, h),
+            "down": (h, inter),
         }[role]
 
     def layer_tensor_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
         shapes: dict[str, tuple[int, ...]] = {}
         for role in self.family.layer_modules:
             if role in LINEAR_ROLES:
-                out_f, in_f = self.linear_shape(role)
+                out_f, in_f = self.linear_shape(role, layer)
                 shapes[self.weight(role, layer)] = (out_f, in_f)
                 if self.has_bias(role):
                     shapes[self.module(role, layer) + ".bias"] = (out_f,)

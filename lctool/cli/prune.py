@@ -1,0 +1,91 @@
+"""`lctool prune MODEL OUT --method llm-pruner --ratio 0.2`: a thin shell over lctool.prune.
+
+Options default to None here so that only what the user typed reaches the method, whose options
+model fills in its own defaults and refuses options that belong to another method.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from lctool.cli.common import emit_json, log, stderr, stdout
+
+
+def _given(**options) -> dict:
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _table(summary: dict):
+    from rich.table import Table
+
+    title = (f"llm-pruner ({summary['importance']}) → {summary['output']}: removed {summary['removed_params']:,} of "
+             f"{summary['params_before']:,} parameters ({summary['removed_fraction']:.1%})")
+    table = Table(title=title, title_justify="left")
+    for column in ("layer", "pruned", "heads", "kv heads", "intermediate"):
+        table.add_column(column, justify="right")
+    for row in summary["layers"]:
+        table.add_row(str(row["layer"]), "yes" if row["pruned"] else "no", str(row["heads"]), str(row["kv_heads"]),
+                      str(row["intermediate_size"]))
+    return table
+
+
+def prune_command(
+    model: str = typer.Argument(..., help="Input checkpoint folder (unquantized)."),
+    out: str = typer.Argument(..., help="Output folder (must not exist unless --force)."),
+    method: str = typer.Option("llm-pruner", "--method", help="Pruning method: llm-pruner."),
+    ratio: float = typer.Option(None, "--ratio", help="Fraction of the model's parameters to remove, 0 < r < 1."),
+    importance: str = typer.Option(
+        None, "--importance",
+        help="taylor-vector (default), taylor-element, second-order, l1, l2 or random."),
+    ranking: str = typer.Option(None, "--ranking", help="per-layer (default: each layer loses the same share) or global."),
+    scope: str = typer.Option(None, "--scope", help="What to prune: all (heads and channels, default), attn or mlp."),
+    layers: str = typer.Option(None, "--layers", help="Inclusive layer range to prune, e.g. 4-30 (default: all)."),
+    uniform: bool = typer.Option(None, "--uniform", help="Require every layer alike (stock-loadable output)."),
+    gqa_unit: str = typer.Option(
+        None, "--gqa-unit", help="query-heads (default: heads within KV groups, group count kept) or kv-groups."),
+    keep_heads_multiple: int = typer.Option(None, "--keep-heads-multiple", help="Kept heads per layer: a multiple of N."),
+    channel_multiple: int = typer.Option(None, "--channel-multiple", help="Kept MLP channels per layer: a multiple of N."),
+    calib: str = typer.Option(None, "--calib", help="Calibration text: corpus name, name:split, or .txt (default wiki)."),
+    calib_n: int = typer.Option(None, "--calib-n", help="Calibration windows for the gradients (default 10)."),
+    calib_len: int = typer.Option(None, "--calib-len", help="Tokens per calibration window (default 128)."),
+    seed: int = typer.Option(None, "--seed", help="Seed of the calibration sample and random importance."),
+    recover_steps: int = typer.Option(None, "--recover-steps", help="LoRA recovery steps after pruning (default 0)."),
+    recover_lr: float = typer.Option(None, "--recover-lr", help="Recovery learning rate (default 3e-4)."),
+    recover_rank: int = typer.Option(None, "--recover-rank", help="Recovery LoRA rank (default 8)."),
+    recover_data: str = typer.Option(None, "--recover-data", help="Recovery text source, train split (default wiki)."),
+    recover_len: int = typer.Option(None, "--recover-len", help="Tokens per recovery window (default 256)."),
+    recover_batch_size: int = typer.Option(None, "--recover-batch-size", help="Windows per recovery step (default 8)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
+) -> None:
+    """Remove whole attention heads and MLP channels (LLM-Pruner), optionally recovering with LoRA.
+
+    Uniform results (every layer the same size) load in stock transformers; others carry per-layer
+    sizes and a modeling file, and need trust_remote_code=True to load.
+    """
+    from lctool.prune import prune
+
+    given = _given(
+        ratio=ratio, importance=importance, ranking=ranking, scope=scope, layers=layers, uniform=uniform,
+        gqa_unit=gqa_unit, keep_heads_multiple=keep_heads_multiple, channel_multiple=channel_multiple, calib=calib,
+        calib_n=calib_n, calib_len=calib_len, seed=seed,
+    )
+    recovery = _given(steps=recover_steps, lr=recover_lr, rank=recover_rank, data=recover_data, seq_len=recover_len,
+                      batch_size=recover_batch_size)
+    if recovery:
+        given["recovery"] = recovery
+    summary = prune(model, out, given, method=method, force=force, log=log)
+    if "note" in summary:  # said even with --quiet: the output does not load without it
+        stderr.print(f"note: {summary['output']}: {summary['note']}", highlight=False)
+    if as_json:
+        emit_json(summary)
+        return
+    stdout.print(_table(summary))
+    if "recovery" in summary:
+        run = summary["recovery"]
+        stdout.print(f"recovery: {run['steps']} LoRA steps, loss {run['first_loss']} → {run['final_loss']}, "
+                     f"{run['wall_s']} s")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("prune")(prune_command)

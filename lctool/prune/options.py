@@ -1,0 +1,85 @@
+"""Options of `lctool prune --method llm-pruner`, validated before any work starts."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from lctool.errors import LctoolError
+
+IMPORTANCE_KINDS = ("taylor-vector", "taylor-element", "second-order", "l1", "l2", "random")
+GRADIENT_KINDS = ("taylor-vector", "taylor-element", "second-order")
+
+
+class RecoveryOptions(BaseModel):
+    """LoRA recovery after pruning (the paper: rank 8 on every linear role, then merged)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(0, ge=0, description="optimizer steps; 0 = no recovery")
+    lr: float = Field(3e-4, gt=0, le=1.0)
+    rank: int = Field(8, ge=1, le=1024)
+    alpha: int | None = Field(None, ge=1, description="LoRA alpha (default 2 x rank)")
+    data: str = Field("wiki", description="text source of the training windows (its train split)")
+    seq_len: int = Field(256, ge=8)
+    batch_size: int = Field(8, ge=1)
+    warmup_steps: int = Field(0, ge=0)
+    seed: int = 0
+
+
+class LlmPrunerOptions(BaseModel):
+    """LLM-Pruner: coupled structures, Taylor/second-order/magnitude/random importance, LoRA recovery."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ratio: float = Field(gt=0, lt=1, description="fraction of the model's parameters to remove")
+    importance: Literal[IMPORTANCE_KINDS] = "taylor-vector"  # type: ignore[valid-type]
+    ranking: Literal["per-layer", "global"] = "per-layer"
+    scope: Literal["all", "attn", "mlp"] = "all"
+    layers: str | None = Field(None, description="inclusive layer range like 1-2 or 4-30 (default: every layer)")
+    uniform: bool = False
+    gqa_unit: Literal["query-heads", "kv-groups"] = "query-heads"
+    keep_heads_multiple: int = Field(1, ge=1)
+    channel_multiple: int = Field(1, ge=1)
+    calib: str = "wiki"
+    calib_n: int = Field(10, ge=1, le=4096)
+    calib_len: int = Field(128, ge=2, le=65536)
+    seed: int = 0
+    recovery: RecoveryOptions = Field(default_factory=RecoveryOptions)
+
+    @model_validator(mode="after")
+    def _checks(self) -> LlmPrunerOptions:
+        if self.layers is not None:
+            parse_layer_range(self.layers)
+        if self.uniform and self.ranking == "global":
+            raise LctoolError("--uniform keeps every layer alike, which global ranking does not: use --ranking per-layer")
+        if self.uniform and self.layers is not None:
+            raise LctoolError("--uniform prunes every layer alike: it cannot be combined with --layers")
+        return self
+
+    @property
+    def needs_gradients(self) -> bool:
+        return self.importance in GRADIENT_KINDS
+
+
+def parse_layer_range(text: str) -> tuple[int, int]:
+    """'4-30' -> (4, 30) inclusive; '3' -> (3, 3)."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*", text)
+    if not match:
+        raise LctoolError(f"--layers {text!r}: write an inclusive range like 4-30, or one layer like 3")
+    first = int(match.group(1))
+    last = int(match.group(2)) if match.group(2) is not None else first
+    if last < first:
+        raise LctoolError(f"--layers {text!r}: the range ends before it starts")
+    return first, last
+
+
+def selected_layers(options: LlmPrunerOptions, num_layers: int) -> list[int]:
+    if options.layers is None:
+        return list(range(num_layers))
+    first, last = parse_layer_range(options.layers)
+    if last >= num_layers:
+        raise LctoolError(f"--layers {options.layers}: the model has layers 0-{num_layers - 1}")
+    return list(range(first, last + 1))
