@@ -71,7 +71,12 @@ def load_model(
     """The model of a checkpoint folder, in eval mode (validated by lctool before transformers sees it)."""
     from lctool.io import Checkpoint
 
-    Checkpoint(path)  # one-line errors for missing/corrupt files and shape mismatches
+    checkpoint = Checkpoint(path)  # one-line errors for missing/corrupt files and shape mismatches
+    if checkpoint.config.get("auto_map") and not trust_remote_code:
+        raise LctoolError(
+            f"{path} runs its own model code (auto_map: {', '.join(sorted(checkpoint.config['auto_map']))}); "
+            "pass --trust-remote-code if you trust it"
+        )
     method = quant_method_of(path)
     if method is not None:
         _import_loader_modules()

@@ -104,6 +104,11 @@ class LayerwiseRunner:
             not self.checkpoint.is_quantized,
             "layer-by-layer evaluation reads plain (unquantized) checkpoints only; load quantized ones in memory",
         )
+        check(
+            not self.checkpoint.config.get("auto_map"),
+            "layer-by-layer evaluation builds stock layers and cannot run a checkpoint's own model code (auto_map); "
+            "evaluate it in memory with --trust-remote-code",
+        )
         self.arch = self.checkpoint.arch
         self.dtype = dtype
         self.device = torch.device(device)

@@ -26,7 +26,8 @@ def load_tokenizer(path: str):
 
     if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise LctoolError(f"no tokenizer files in {path}")
-    return AutoTokenizer.from_pretrained(path)
+    # Explicitly False: a folder shipping code (auto_map) must not make transformers prompt on stdin.
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
 def model_state_tensors(model: torch.nn.Module, config: dict):

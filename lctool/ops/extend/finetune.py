@@ -1,0 +1,130 @@
+"""What E²-LLM and CLEX share: the model loaded unscaled, windows of L0 tokens, LoRA or full
+training on the shared loop, and writing the result through lctool's writer."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from lctool.errors import LctoolError
+from lctool.io import Checkpoint, CheckpointWriter
+from lctool.io.hf import model_state_tensors
+from lctool.ops.extend.options import ExtendOptions, TrainingOptions
+from lctool.ops.extend.scaling import OriginalRope
+
+
+def unscaled_config(config: dict, original: OriginalRope) -> dict:
+    """The input config with its RoPE as pre-trained (no scaling, max_position_embeddings = L0)."""
+    from lctool.arch import write_rope
+
+    out = write_rope(config, original.rope)
+    out["max_position_embeddings"] = original.length
+    for key in ("auto_map", "clex"):
+        out.pop(key, None)
+    return out
+
+
+def load_unscaled_model(checkpoint: Checkpoint, original: OriginalRope):
+    """The input as a float32 stock model whose RoPE is the pre-trained one."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_dict = unscaled_config(checkpoint.config, original)
+    config = AutoConfig.for_model(**config_dict)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint.path, config=config, dtype=torch.float32)
+    return model
+
+
+def training_windows(tokenizer, source: str, length: int, needed: int) -> torch.Tensor:
+    """Back-to-back windows of `length` tokens from a text source's train split."""
+    from lctool.data import load_text_source, token_windows, tokenize_text
+
+    ids = tokenize_text(tokenizer, load_text_source(source, split="train"))
+    if ids.numel() < length * 2:
+        raise LctoolError(f"{source}: {ids.numel()} tokens is too little text to train at length {length}")
+    windows = token_windows(ids, length)
+    if windows.shape[0] < needed:
+        # Short corpora: also take windows shifted by half a window, for more distinct sequences.
+        shifted = token_windows(ids[length // 2 :], length)
+        windows = torch.cat([windows, shifted])
+    return windows
+
+
+def attach_lora(model, arch, training: TrainingOptions):
+    """LoRA on the attention projections (tensor names from the architecture map)."""
+    from peft import LoraConfig, get_peft_model
+
+    roles = arch.linear_roles("attn")
+    config = LoraConfig(
+        r=training.lora_rank,
+        lora_alpha=training.lora_alpha or 2 * training.lora_rank,
+        target_modules=arch.module_names_for_roles(roles),
+        lora_dropout=0.0,
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+def train_config(training: TrainingOptions, description: str, extra_groups: bool = False):
+    from lctool.train import TrainConfig
+
+    return TrainConfig(
+        steps=training.steps, lr=training.lr, warmup_steps=min(training.warmup_steps, training.steps),
+        batch_size=training.batch_size, grad_accum=training.grad_accum, weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm, seed=training.seed, grad_checkpointing=training.grad_checkpointing,
+        checkpoint_dir=training.checkpoint_dir, checkpoint_every=training.checkpoint_every or 0,
+        resume=training.resume, log_path=training.log_path, description=description,
+    )
+
+
+def run_training(model, windows: torch.Tensor, options: ExtendOptions, before_step, description: str, tag: dict,
+                 loss_fn=None) -> dict:
+    """Train on the shared loop; returns the run's summary for the manifest."""
+    from lctool.train import ShuffledWindows, train
+
+    training = options.training
+    batches = ShuffledWindows({"input_ids": windows}, batch_size=training.batch_size, seed=training.seed)
+    cpu_started = time.process_time()
+    result = train(model, batches, train_config(training, description), before_step=before_step, loss_fn=loss_fn,
+                   tag=tag)
+    summary = result.summary()
+    summary.pop("evals", None)
+    summary["cpu_minutes"] = round((time.process_time() - cpu_started) / 60, 2)
+    summary["lora_rank"] = training.lora_rank
+    return summary
+
+
+def write_trained(model, checkpoint: Checkpoint, target: str, config: dict, options: ExtendOptions, force: bool,
+                  results: dict, extra_files: dict[str, str] | None = None) -> str:
+    """The trained model with `config`, each tensor back in the input's dtype; extra tensors kept float32."""
+    with CheckpointWriter(
+        target,
+        operation="extend",
+        parameters=options.model_dump(exclude_none=True),
+        inputs=[checkpoint],
+        seed=options.training.seed,
+        force=force,
+    ) as writer:
+        writer.write_config(config)
+        for name, tensor in model_state_tensors(model, config):
+            if name in checkpoint:
+                tensor = tensor.to(checkpoint.entry(name).torch_dtype)
+            writer.add_tensor(name, tensor)
+        writer.carry_files(checkpoint)
+        for relative, source in (extra_files or {}).items():
+            writer.copy_file(source, relative)
+        writer.results.update(results)
+    return os.path.abspath(target)
+
+
+def is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def wait_for_everyone() -> None:
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
