@@ -68,8 +68,9 @@ def run(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     command = typer.main.get_command(app)
     try:
-        command.main(args=args, prog_name="lctool", standalone_mode=False)
-        return 0
+        # Non-standalone click returns (not raises) the code of typer's Exit, e.g. 130 for Ctrl-C.
+        result = command.main(args=args, prog_name="lctool", standalone_mode=False)
+        return result if isinstance(result, int) else 0
     except LctoolError as e:
         if State.debug:
             traceback.print_exc()

@@ -1,0 +1,455 @@
+"""`lctool finetune`: LoRA / QLoRA through peft, on the shared training loop.
+
+The output is either a stock peft adapter folder (`adapter_config.json` + `adapter_model.safetensors`,
+plus the base's tokenizer and lctool.json) or, with `merge`, a full checkpoint with the adapter
+merged in. Target modules come from the architecture map by role. A resumable run keeps its
+training checkpoints beside the output (`.<name>.lctool-train/`) until the output is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from lctool.arch.families import LINEAR_ROLES
+from lctool.errors import LctoolError, check
+from lctool.io import Checkpoint, CheckpointWriter
+
+TRAINABLE_GROUPS = ("embed", "norm", "lm_head")
+DEFAULT_MAX_SEQ_LEN = 1024
+IGNORE_INDEX = -100
+
+
+class FinetuneOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(description="corpus name, name:split, a .txt file, or a .jsonl file")
+    format: Literal["auto", "text", "jsonl"] = "auto"
+    seq_len: int | None = Field(None, gt=1, description="default: the model's context, at most 1024")
+    lora_r: int = Field(16, gt=0, le=4096)
+    lora_alpha: float = Field(32.0, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target: str = "all"
+    qlora: bool = False
+    trainable: str | None = Field(None, description="also train fully: comma list of embed, norm, lm_head")
+    steps: int | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0)
+    lr: float = Field(2e-4, gt=0, le=1)
+    warmup: int = Field(0, ge=0)
+    batch: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    grad_checkpointing: bool = False
+    merge: bool = False
+    resume: bool = False
+    seed: int = 0
+    checkpoint_every: int = Field(0, ge=0, description="0: only when interrupted")
+    eval_data: str | None = Field(None, description="held-out text for the eval hook (default: the corpus's eval split)")
+    eval_every: int = Field(0, ge=0)
+    eval_tokens: int = Field(16384, gt=0, description="tokens of eval_data scored at each evaluation")
+    log: str | None = Field(None, description="JSONL log path (a copy always goes into the output)")
+
+    @model_validator(mode="after")
+    def _one_length(self) -> FinetuneOptions:
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give --steps or --epochs, not both")
+        return self
+
+
+# ---- checks before any work -----------------------------------------------------------------------
+def check_output(target: str, force: bool) -> None:
+    """Refuse a bad output before training, not after (the writer checks again when writing)."""
+    parent = os.path.dirname(os.path.abspath(target))
+    check(os.path.isdir(parent), f"output folder's parent {parent} does not exist")
+    check(not os.path.lexists(target) or force, f"{target} already exists (pass --force to replace it)")
+
+
+def resolve_seq_len(checkpoint: Checkpoint, seq_len: int | None) -> int:
+    context = checkpoint.arch.max_positions
+    if seq_len is None:
+        return min(context or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
+    if context and seq_len > context:
+        raise LctoolError(
+            f"--seq-len {seq_len} is beyond the model's context of {context} tokens (max_position_embeddings); "
+            "extend the context first (lctool extend) or lower --seq-len"
+        )
+    return seq_len
+
+
+def trainable_groups(text: str | None) -> list[str]:
+    groups = [g.strip() for g in (text or "").split(",") if g.strip()]
+    for group in groups:
+        check(group in TRAINABLE_GROUPS, f"--trainable: unknown group {group!r} (choose from {', '.join(TRAINABLE_GROUPS)})")
+    return groups
+
+
+def modules_to_save(arch, groups: list[str]) -> list[str]:
+    """Leaf module names peft trains fully (`modules_to_save`), from the architecture map."""
+    names: list[str] = []
+    if "embed" in groups:
+        names.append(arch.module("embed"))
+    if "lm_head" in groups:
+        check(not arch.tied or "embed" in groups,
+              "--trainable lm_head: this model ties lm_head to the embeddings; train embed instead")
+        if not arch.tied:
+            names.append(arch.module("lm_head"))
+    if "norm" in groups:
+        names.append(arch.module("final_norm"))
+        names += [arch.module(role, 0) for role in arch.family.norm_roles]
+    return sorted({name.rsplit(".", 1)[-1] for name in names})
+
+
+# ---- data -----------------------------------------------------------------------------------------
+def data_format(options: FinetuneOptions) -> str:
+    if options.format != "auto":
+        return options.format
+    return "jsonl" if options.data.lower().endswith(".jsonl") else "text"
+
+
+TOKENIZE_CHUNK_CHARS = 1 << 18
+
+
+def tokenize_in_chunks(tokenizer, text: str, chunk_chars: int = TOKENIZE_CHUNK_CHARS) -> torch.Tensor:
+    """Token ids of a long text, tokenized a paragraph-aligned chunk at a time: one call on a whole
+    corpus holds ~500 bytes of tokenizer state per token (0.85 GB for 1.8M tokens)."""
+    from lctool.data import tokenize_text
+
+    pieces, start = [], 0
+    while start < len(text):
+        end = min(len(text), start + chunk_chars)
+        if end < len(text):
+            cut = text.rfind("\n\n", start, end)
+            end = cut + 2 if cut > start else end
+        pieces.append(tokenize_text(tokenizer, text[start:end]))
+        start = end
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+
+
+def text_examples(tokenizer, source: str, seq_len: int) -> dict[str, torch.Tensor]:
+    from lctool.data import load_text_source, token_windows
+
+    ids = tokenize_in_chunks(tokenizer, load_text_source(source, split="train"))
+    check(ids.numel() > 0, f"no training data: {source} holds no text")
+    check(ids.numel() >= seq_len,
+          f"the training data has {ids.numel()} tokens, fewer than one --seq-len window of {seq_len}")
+    return {"input_ids": token_windows(ids, seq_len)}
+
+
+def read_jsonl(path: str) -> list[dict]:
+    check(os.path.isfile(path), f"no data file at {path}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise LctoolError(f"{path}:{number}: not valid JSON") from None
+            text_row = isinstance(row, dict) and isinstance(row.get("text"), str)
+            pair_row = isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str)
+            check(text_row or pair_row, f'{path}:{number}: expected {{"text": ...}} or {{"prompt": ..., "completion": ...}}')
+            rows.append(row)
+    check(rows, f"no training data: {path} has no rows")
+    kinds = {"text" in row for row in rows}
+    check(len(kinds) == 1, f"{path}: rows mix text and prompt/completion; use one kind per file")
+    return rows
+
+
+def _eos_id(tokenizer) -> int | None:
+    return tokenizer.eos_token_id
+
+
+def jsonl_examples(tokenizer, path: str, seq_len: int) -> dict[str, torch.Tensor]:
+    from lctool.data import token_windows, tokenize_text
+
+    rows = read_jsonl(path)
+    eos = _eos_id(tokenizer)
+    if "text" in rows[0]:
+        pieces = [tokenize_text(tokenizer, row["text"]) for row in rows]
+        if eos is not None:
+            pieces = [torch.cat([p, torch.tensor([eos])]) for p in pieces]
+        ids = torch.cat(pieces)
+        check(ids.numel() >= seq_len,
+              f"the training data has {ids.numel()} tokens, fewer than one --seq-len window of {seq_len}")
+        return {"input_ids": token_windows(ids, seq_len)}
+    return completion_examples(tokenizer, rows, seq_len, eos)
+
+
+def completion_examples(tokenizer, rows: list[dict], seq_len: int, eos: int | None) -> dict[str, torch.Tensor]:
+    """Prompt + completion per row, right-padded; the loss covers completion tokens only."""
+    from lctool.data import tokenize_text
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+    input_ids, labels, masks = [], [], []
+    for row in rows:
+        prompt = tokenize_text(tokenizer, row["prompt"]).tolist()
+        completion = tokenize_text(tokenizer, row["completion"]).tolist() + ([eos] if eos is not None else [])
+        ids = (prompt + completion)[:seq_len]
+        target = ([IGNORE_INDEX] * len(prompt) + completion)[:seq_len]
+        if all(t == IGNORE_INDEX for t in target):
+            continue  # the prompt alone fills the window: nothing to learn from this row
+        padding = seq_len - len(ids)
+        input_ids.append(ids + [pad] * padding)
+        labels.append(target + [IGNORE_INDEX] * padding)
+        masks.append([1] * len(ids) + [0] * padding)
+    check(input_ids, f"no training data: every prompt is {seq_len} tokens or longer (raise --seq-len)")
+    return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(masks)}
+
+
+def training_examples(tokenizer, options: FinetuneOptions, seq_len: int) -> dict[str, torch.Tensor]:
+    if data_format(options) == "jsonl":
+        return jsonl_examples(tokenizer, options.data, seq_len)
+    return text_examples(tokenizer, options.data, seq_len)
+
+
+def total_steps(options: FinetuneOptions, num_examples: int) -> int:
+    if options.steps is not None:
+        return options.steps
+    per_step = options.batch * options.grad_accum
+    return max(1, math.ceil((options.epochs or 1.0) * num_examples / per_step))
+
+
+def eval_text(options: FinetuneOptions) -> str | None:
+    from lctool.data import CORPORA, load_text_source
+
+    if options.eval_data:
+        return load_text_source(options.eval_data, split="eval")
+    name = options.data.split(":", 1)[0]
+    return load_text_source(name, split="eval") if name in CORPORA and data_format(options) == "text" else None
+
+
+# ---- model ----------------------------------------------------------------------------------------
+def nf4_config():
+    from transformers import BitsAndBytesConfig
+
+    # Double quantization also avoids a bitsandbytes CPU save bug (see docs: stock formats).
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.float32)
+
+
+def load_base(checkpoint: Checkpoint, qlora: bool):
+    from transformers import AutoModelForCausalLM
+
+    check(not checkpoint.is_quantized, f"{checkpoint.path} is already quantized; fine-tune an unquantized model "
+                                       "(--qlora quantizes it to nf4 on load)")
+    if not qlora:
+        from lctool.io.hf import load_causal_lm
+
+        return load_causal_lm(checkpoint.path, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(checkpoint.path, quantization_config=nf4_config(),
+                                                dtype=torch.float32, device_map="cpu" if not torch.cuda.is_available() else None)
+
+
+def lora_config(checkpoint: Checkpoint, options: FinetuneOptions):
+    from peft import LoraConfig
+
+    arch = checkpoint.arch
+    roles = arch.linear_roles(options.target)
+    saved = modules_to_save(arch, trainable_groups(options.trainable))
+    return LoraConfig(
+        r=options.lora_r,
+        lora_alpha=options.lora_alpha,
+        lora_dropout=options.lora_dropout,
+        target_modules=arch.module_names_for_roles(roles),
+        modules_to_save=saved or None,
+        ensure_weight_tying=arch.tied and bool(saved),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def peft_model(checkpoint: Checkpoint, options: FinetuneOptions):
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
+
+    config = lora_config(checkpoint, options)
+    set_seed(options.seed)  # LoRA's A matrices are drawn at random: the same seed, the same adapter
+    base = load_base(checkpoint, options.qlora)
+    if options.qlora:
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    return get_peft_model(base, config)
+
+
+def run_tag(checkpoint: Checkpoint, options: FinetuneOptions, examples: dict) -> dict:
+    """What a resumed run must share with the interrupted one: base weights, adapter shape, data."""
+    from lctool.io.manifest import describe_input
+
+    digest = hashlib.sha256()
+    for key in sorted(examples):
+        digest.update(key.encode())
+        digest.update(examples[key].numpy().tobytes())
+    adapter = {k: getattr(options, k) for k in ("lora_r", "lora_alpha", "lora_dropout", "target", "qlora", "trainable")}
+    return {"base": describe_input(checkpoint)["shards"], "adapter": adapter, "data_sha256": digest.hexdigest()}
+
+
+def make_eval_fn(tokenizer, text: str, seq_len: int, max_tokens: int):
+    from lctool.eval import perplexity
+
+    def evaluate(model) -> dict:
+        scores = perplexity(model, tokenizer, text, ctx=seq_len, max_tokens=max_tokens)
+        return {"ppl": round(scores["ppl"], 4), "bpb": round(scores["bpb"], 5)}
+
+    return evaluate
+
+
+# ---- run ------------------------------------------------------------------------------------------
+def training_folder(target: str) -> str:
+    parent, name = os.path.split(os.path.abspath(target))
+    return os.path.join(parent, f".{name}.lctool-train")
+
+
+def prepare_training_folder(folder: str, resume: bool, force: bool) -> None:
+    if os.path.isdir(folder) and not resume:
+        check(force, f"an interrupted run left checkpoints in {folder}: pass --resume to continue it "
+                     "or --force to start over")
+        shutil.rmtree(folder)
+
+
+def finetune(model_path: str, target: str, options: FinetuneOptions, force: bool = False, progress: bool = True) -> dict:
+    """Fine-tune `model_path` and write an adapter (or a merged checkpoint) to `target`; returns the summary."""
+    from lctool.io.hf import load_tokenizer
+    from lctool.train import ShuffledWindows, TrainConfig, train
+
+    checkpoint = Checkpoint(model_path)
+    seq_len = resolve_seq_len(checkpoint, options.seq_len)
+    lora_config(checkpoint, options)  # unknown roles and groups fail here, before any loading
+    check_output(target, force)
+    tokenizer = load_tokenizer(checkpoint.path)
+    examples = training_examples(tokenizer, options, seq_len)
+    steps = total_steps(options, len(examples["input_ids"]))
+    check(options.warmup <= steps, f"--warmup {options.warmup} is longer than the run ({steps} steps)")
+    held_out = eval_text(options) if options.eval_every else None
+    check(not options.eval_every or held_out is not None, "--eval-every needs --eval-data (no eval split for this data)")
+
+    folder = training_folder(target)
+    prepare_training_folder(folder, options.resume, force)
+    model = peft_model(checkpoint, options)
+    config = TrainConfig(
+        steps=steps, lr=options.lr, warmup_steps=options.warmup, batch_size=options.batch,
+        grad_accum=options.grad_accum, weight_decay=options.weight_decay, max_grad_norm=options.max_grad_norm,
+        seed=options.seed, grad_checkpointing=options.grad_checkpointing, checkpoint_dir=folder,
+        checkpoint_every=options.checkpoint_every, resume=options.resume,
+        log_path=options.log or os.path.join(folder, "train_log.jsonl"), eval_every=options.eval_every,
+        progress=progress, description="finetune",
+    )
+    data = ShuffledWindows(examples, options.batch, seed=options.seed)
+    eval_fn = make_eval_fn(tokenizer, held_out, seq_len, options.eval_tokens) if held_out else None
+    result = train(model, data, config, eval_fn=eval_fn, tag=run_tag(checkpoint, options, examples))
+
+    summary = {"output": os.path.abspath(target), "kind": "merged" if options.merge else "adapter",
+               "seq_len": seq_len, "examples": len(examples["input_ids"]), **result.summary()}
+    write_output(model, checkpoint, target, options, summary, config.log_path, force)
+    discard_training_folder(folder)
+    return summary
+
+
+def discard_training_folder(folder: str) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_output(model, checkpoint: Checkpoint, target: str, options: FinetuneOptions, summary: dict,
+                 log_path: str, force: bool) -> None:
+    results = {k: v for k, v in summary.items() if k != "output"}
+    if options.merge:
+        merged = merged_model(model, checkpoint, options)
+        write_merged(merged, checkpoint, target, options, results, log_path, force)
+    else:
+        write_adapter(model, checkpoint, target, options, results, log_path, force)
+
+
+def write_adapter(model, checkpoint, target, options, results, log_path, force) -> None:
+    with CheckpointWriter(target, operation="finetune", parameters=options.model_dump(), inputs=[checkpoint],
+                          seed=options.seed, force=force, require_config=False) as writer:
+        writer.results.update(results)
+        model.peft_config["default"].base_model_name_or_path = checkpoint.path
+        model.save_pretrained(writer.tmp, safe_serialization=True)
+        writer.carry_files(checkpoint)
+        if os.path.exists(log_path):
+            writer.copy_file(log_path, "train_log.jsonl")
+
+
+def merged_model(model, checkpoint: Checkpoint, options: FinetuneOptions):
+    """The base with the adapter merged in, at full precision (a QLoRA adapter is merged into the
+    unquantized base: merging into nf4 weights would re-round them)."""
+    if options.qlora:
+        from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+        adapter = get_peft_model_state_dict(model)
+        model = get_peft_model(load_base(checkpoint, qlora=False), lora_config(checkpoint, options))
+        set_peft_model_state_dict(model, adapter)
+    merged = model.merge_and_unload()
+    base_dtype = checkpoint.entry(checkpoint.arch.weight("embed")).torch_dtype
+    return merged.to(base_dtype).eval()
+
+
+def write_merged(merged, checkpoint, target, options, results, log_path, force) -> None:
+    from lctool.io.hf import save_causal_lm
+
+    save_causal_lm(merged, target, operation="finetune", parameters=options.model_dump(), inputs=[checkpoint],
+                   carry_from=checkpoint, seed=options.seed, force=force, results=results)
+    if os.path.exists(log_path):
+        shutil.copyfile(log_path, os.path.join(target, "train_log.jsonl"))
+
+
+# ---- reading adapters back ------------------------------------------------------------------------
+def load_adapter(adapter_path: str, base_path: str | None = None, dtype: torch.dtype = torch.float32):
+    """A stock `PeftModel` of an adapter folder on its base (default: the base it was trained on),
+    refusing a base whose shapes do not fit the adapter."""
+    from peft import PeftConfig, PeftModel
+
+    from lctool.io.hf import load_causal_lm
+
+    check(os.path.isfile(os.path.join(adapter_path, "adapter_config.json")), f"no adapter_config.json in {adapter_path}")
+    config = PeftConfig.from_pretrained(adapter_path)
+    base_path = base_path or config.base_model_name_or_path
+    check(bool(base_path) and os.path.isdir(base_path), f"the adapter's base model {base_path!r} is not a folder")
+    check_adapter_fits(adapter_path, Checkpoint(base_path))
+    base = load_causal_lm(base_path, dtype=dtype)
+    return PeftModel.from_pretrained(base, adapter_path).eval()
+
+
+def check_adapter_fits(adapter_path: str, base: Checkpoint) -> None:
+    """Refuse an adapter made for another base: different family, shapes, or (via lctool.json) weights."""
+    from safetensors import safe_open
+
+    from lctool.io.manifest import describe_input
+
+    manifest_path = os.path.join(adapter_path, "lctool.json")
+    if os.path.exists(manifest_path):
+        with open(manifest_path, encoding="utf-8") as f:
+            inputs = json.load(f).get("inputs") or []
+        trained_on = inputs[0].get("shards") if inputs else None
+        if trained_on and trained_on != describe_input(base)["shards"]:
+            raise LctoolError(f"the adapter {adapter_path} was trained on a different base than {base.path}")
+    weights = os.path.join(adapter_path, "adapter_model.safetensors")
+    check(os.path.isfile(weights), f"no adapter_model.safetensors in {adapter_path}")
+    arch = base.arch
+    with safe_open(weights, framework="pt") as f:
+        for name in f.keys():
+            _check_lora_shape(arch, name, f.get_slice(name).get_shape())
+
+
+def _check_lora_shape(arch, name: str, shape: list[int]) -> None:
+    """lora_A is [r, in_features] and lora_B [out_features, r] of the base module they adapt."""
+    for part, side in (("lora_A", 1), ("lora_B", 0)):
+        marker = f".{part}."
+        if marker not in name:
+            continue
+        module_name = name.split(marker)[0].removeprefix("base_model.model.")
+        role = arch.classify(module_name + ".weight")
+        if role is None or role.role not in LINEAR_ROLES or role.layer >= arch.num_layers:
+            raise LctoolError(f"the adapter adapts {module_name}, which the base model does not have")
+        out_features, in_features = arch.linear_shape(role.role)
+        expected = in_features if side == 1 else out_features
+        if shape[side] != expected:
+            raise LctoolError(f"the adapter was made for a different base: {module_name} has "
+                              f"{'in' if side else 'out'}_features {expected}, the adapter {shape[side]}")
