@@ -45,3 +45,12 @@ def testbed_dir():
     from lctool.ops.testbed import testbed_path
 
     return testbed_path(preset="quick", build=True)
+
+
+@pytest.fixture(autouse=True)
+def _autograd_left_on():
+    """A test (or the code it runs) that leaves autograd off would break every later test in the worker."""
+    yield
+    leaked = not torch.is_grad_enabled() or torch.is_inference_mode_enabled()
+    torch.set_grad_enabled(True)
+    assert not leaked, "autograd was left disabled (a generator yielding inside no_grad/inference_mode?)"

@@ -295,4 +295,4 @@ def test_on_the_testbed_yarn_helps_at_4x_and_clex_loads_in_lctool_eval(testbed_d
     rows = {r["length"]: r["ppl"] for r in json.loads(out)["ppl_vs_length"]}
     assert all(math.isfinite(v) for v in rows.values())
     code, _, err = run_cli("eval", clex, "--max-tokens", "1024")
-    assert code != 0 and "custom code" in err
+    assert code == 2 and "--trust-remote-code" in err and err.count("\n") == 1

@@ -175,8 +175,11 @@ class LayerwiseRunner:
         tracker.start("scoring", sum(h.shape[0] * h.shape[1] for h in hidden))
         try:
             for states in hidden:
+                # Never yield inside the context: an abandoned generator would leave inference mode on
+                # for the whole process.
                 with torch.inference_mode():
-                    yield norm(states.to(self.device))
+                    normed = norm(states.to(self.device))
+                yield normed
                 tracker.advance(states.shape[0] * states.shape[1])
         finally:
             self._unload(norm)
