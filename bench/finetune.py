@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-# The repo root first; this folder out (bench/kernels.py would shadow the `kernels` package bitsandbytes probes).
+# The repo root first; this folder out (a bench script named like an installed package would shadow it).
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 

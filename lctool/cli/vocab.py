@@ -1,0 +1,105 @@
+"""`lctool vocab expand|trim|fertility`: change a model's BPE vocabulary without breaking it."""
+
+from __future__ import annotations
+
+import typer
+
+from lctool.cli.common import emit_json, log, stdout
+
+vocab_app = typer.Typer(help="Expand or trim a model's byte-level BPE vocabulary (tokenizer + embeddings).",
+                        no_args_is_help=True)
+
+
+def _print_results(title: str, results: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in results.items():
+        shown = ", ".join(repr(v) for v in value) if isinstance(value, list) else str(value)
+        table.add_row(key.replace("_", " "), shown)
+    stdout.print(table)
+
+
+@vocab_app.command("expand")
+def expand_command(
+    model: str = typer.Argument(..., help="Input checkpoint folder (with a byte-level BPE tokenizer.json)."),
+    out: str = typer.Argument(..., help="Output folder (must not exist unless --force)."),
+    corpus: str = typer.Option(None, "--corpus", help="Text to learn merges from: wiki, shakespeare, pydoc, name:split, or a .txt file."),
+    split: str = typer.Option("train", "--split", help="Split of a named corpus."),
+    num_new: int = typer.Option(None, "--num-new", help="How many new merges (tokens) to learn from --corpus."),
+    tokens: str = typer.Option(None, "--tokens", help="Add these tokens instead: one per line (leading spaces count) or a .json list."),
+    init: str = typer.Option("mean", "--init", help="New rows: mean, merge, random or align."),
+    min_frequency: int = typer.Option(2, "--min-frequency", help="Least corpus count of a pair to become a merge."),
+    pad_to_multiple: int = typer.Option(1, "--pad-to-multiple", help="Round vocab_size up to a multiple (e.g. 64)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of random init and of align's SVD."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
+) -> None:
+    """Learn new BPE merges on a corpus (or add given tokens), continuing the model's own merges."""
+    from lctool.ops.vocab import ExpandOptions, expand
+
+    options = ExpandOptions(corpus=corpus, split=split, num_new=num_new, tokens_file=tokens, init=init,
+                            min_frequency=min_frequency, pad_to_multiple=pad_to_multiple, seed=seed,
+                            max_shard_size=max_shard_size)
+    log(f"vocab expand: {model} -> {out}")
+    results = expand(model, out, options, force=force)
+    if as_json:
+        emit_json(results)
+    else:
+        _print_results(f"vocab expand: {results['output']}", results)
+
+
+@vocab_app.command("trim")
+def trim_command(
+    model: str = typer.Argument(..., help="Input checkpoint folder (with a byte-level BPE tokenizer.json)."),
+    out: str = typer.Argument(..., help="Output folder (must not exist unless --force)."),
+    corpus: str = typer.Option(..., "--corpus", help="Keep the tokens this text uses: corpus name, name:split, or a .txt file."),
+    split: str = typer.Option("train", "--split", help="Split of a named corpus."),
+    pad_to_multiple: int = typer.Option(1, "--pad-to-multiple", help="Round vocab_size up to a multiple (e.g. 64)."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
+) -> None:
+    """Remove tokens a corpus never uses (and merges producing only them), renumbering ids everywhere."""
+    from lctool.ops.vocab import TrimOptions, trim
+
+    options = TrimOptions(corpus=corpus, split=split, pad_to_multiple=pad_to_multiple, max_shard_size=max_shard_size)
+    log(f"vocab trim: {model} -> {out}")
+    results = trim(model, out, options, force=force)
+    if as_json:
+        emit_json(results)
+    else:
+        _print_results(f"vocab trim: {results['output']}", results)
+
+
+@vocab_app.command("fertility")
+def fertility_command(
+    models: list[str] = typer.Argument(..., help="Checkpoint or tokenizer folders."),
+    corpus: list[str] = typer.Option(["shakespeare:eval", "wiki:eval"], "--corpus", help="Texts to measure (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
+) -> None:
+    """Tokens per character of each tokenizer on each text (lower: fewer tokens for the same text)."""
+    from rich.table import Table
+
+    from lctool.data import load_text_source
+    from lctool.ops.vocab import tokens_per_char
+
+    texts = {name: load_text_source(name) for name in corpus}
+    rows = {model: {name: round(tokens_per_char(model, text), 5) for name, text in texts.items()} for model in models}
+    if as_json:
+        emit_json({"tokens_per_char": rows})
+        return
+    table = Table(title="tokens per character")
+    table.add_column("tokenizer")
+    for name in texts:
+        table.add_column(name, justify="right")
+    for model, values in rows.items():
+        table.add_row(model, *(f"{v:.4f}" for v in values.values()))
+    stdout.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(vocab_app, name="vocab")
