@@ -341,3 +341,11 @@ def test_many_live_tensors_and_writes_stay_private(tmp_path):
     assert all(float(t[0, 0]) == i for i, t in enumerate(alive))
     alive[5].add_(1000)
     assert open(os.path.join(path, "model.safetensors"), "rb").read() == before
+
+
+def test_cli_usage_errors_exit_2_in_one_line(run_cli):
+    for args in (["convert", "a", "b", "--nope"], ["no-such-command"], []):
+        code, out, err = run_cli(*args)
+        assert code == 2 and "Traceback" not in err, args
+    code, out, err = run_cli("convert", "a", "b", "--nope")
+    assert err.strip().startswith("error: No such option") and err.strip().count("\n") == 0

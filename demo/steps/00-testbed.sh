@@ -3,5 +3,5 @@
 set -euo pipefail
 "$LCTOOL" testbed build
 TESTBED=$("$LCTOOL" testbed path)
-"$LCTOOL" convert "$TESTBED" "$DEMO_OUT/testbed-copy" --max-shard-size 10MB --force --quiet
+"$LCTOOL" --quiet convert "$TESTBED" "$DEMO_OUT/testbed-copy" --max-shard-size 10MB --force
 "$LCTOOL" inspect "$DEMO_OUT/testbed-copy"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import click
 import typer
 
 from lctool.cli.common import State, emit_json, stderr, stdout
@@ -76,8 +75,7 @@ def finetune_command(
         summary = finetune(model, out, options, force=force, progress=not State.quiet)
     except TrainingInterrupted as stopped:
         stderr.print(str(stopped))
-        # Abort, not KeyboardInterrupt: typer turns the latter into a return value the CLI drops (exit 0).
-        raise click.exceptions.Abort() from stopped
+        raise typer.Abort() from stopped  # the CLI's exit 130
     if as_json:
         emit_json(summary)
     else:

@@ -11,9 +11,9 @@ import signal
 import sys
 import traceback
 
-import click
 import typer
 from pydantic import ValidationError
+from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer >= 0.26 ships its own click
 
 from lctool import __version__
 from lctool.cli.common import State, stderr
@@ -79,12 +79,15 @@ def run(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         print(f"error: {validation_message(e)}", file=sys.stderr)
         return 2
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         return e.exit_code
-    except click.ClickException as e:
+    except NoArgsIsHelpError as e:
+        print(e.ctx.get_help() if e.ctx else "", file=sys.stderr)
+        return 2
+    except ClickException as e:
         print(f"error: {e.format_message()}", file=sys.stderr)
         return 2
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("error: interrupted", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
