@@ -54,6 +54,8 @@ def save_causal_lm(
     results: dict | None = None,
 ) -> str:
     """Write an in-memory model through lctool's atomic writer (config as transformers writes it)."""
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]  # as save_pretrained writes it
     config = model.config.to_dict()
     with CheckpointWriter(
         target,
