@@ -167,7 +167,7 @@ def render(rows, base_rss: float, args) -> str:
         "| size | op | lctool MB/s | safetensors MB/s | throughput ratio | lctool peak RSS MB | safetensors peak RSS MB | RSS ratio |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for size, nbytes, result in rows:
+    for _size, nbytes, result in rows:
         mb = nbytes / 1e6
         for op in ("read", "write"):
             ours, theirs = result[f"{op}_lctool"], result[f"{op}_safetensors"]

@@ -1,6 +1,6 @@
 """SpQR matvec/matmul kernel: tokens/s and GB/s against fp16 torch.matmul and the bandwidth bound.
 
-    .venv/bin/python bench/kernels.py            # on CUDA: timed; on CPU: parity only (interpreter), says so
+    .venv/bin/python bench/kernel_speed.py            # on CUDA: timed; on CPU: parity only (interpreter), says so
 
 The bound: a decode step is memory bound, so at batch 1 a kernel reading `b` bits per weight can be
 at most 16 / b times faster than fp16 (b = effective bits: dense words + outliers + row offsets).
@@ -65,7 +65,7 @@ def main() -> None:
 
     from lctool.kernels.spqr import spqr_matmul_reference, spqr_matmul_triton
 
-    lines = ["# SpQR kernel benchmark", "", "Command: `.venv/bin/python bench/kernels.py`", ""]
+    lines = ["# SpQR kernel benchmark", "", "Command: `.venv/bin/python bench/kernel_speed.py`", ""]
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
         tensors = packed(64, 128)

@@ -32,7 +32,7 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides):
     model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=torch.float32)
     # Random init of norms is constant 1; perturb so tests see distinct values everywhere.
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.05)
     return model.eval()

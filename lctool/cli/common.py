@@ -33,7 +33,14 @@ def emit_json(obj: object) -> None:
 
 def progress(transient: bool = True, disable: bool | None = None):
     """A rich progress bar on stderr; silent with --quiet or when stderr is not a terminal."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     if disable is None:
         disable = State.quiet or not stderr.is_terminal
