@@ -33,7 +33,7 @@ demo: setup
 
 test: setup side-envs
 	$(PY) -c "from lctool.data import prepare_all; prepare_all()"
-	$(LCTOOL) testbed build --quiet
+	$(LCTOOL) --quiet testbed build
 	$(PY) -m pytest -n 2 --timeout 900 -q
 
 test-fast: setup
