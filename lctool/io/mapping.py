@@ -17,6 +17,11 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+# Map the whole range's page-cache pages in one call (read-only, so no copy-on-write is triggered):
+# callers read whole tensors, and one kernel pass is much faster than a page fault per 4 KiB.
+# Linux >= 5.14; elsewhere the call fails harmlessly and pages fault in on first touch.
+_MADV_POPULATE_READ = 22
 
 
 class _Unmapper:
@@ -41,6 +46,7 @@ def map_range(path: str, offset: int, length: int):
         os.close(fd)
     if address is None or address == _MAP_FAILED:
         raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    _libc.madvise(address, span, _MADV_POPULATE_READ)
     buffer = (ctypes.c_ubyte * span).from_address(address)
     buffer._unmapper = _Unmapper(address, span)  # lives exactly as long as the buffer
     return buffer, offset - aligned

@@ -30,6 +30,13 @@ def _register_eval_loaders() -> None:
         return
     for method in ("spqr", "lctool_spqr", "gptq"):
         register_loader(method, load_reference)
+    register_loader("aqlm", _load_aqlm)
+
+
+def _load_aqlm(path: str, dtype=None):
+    from lctool.quant.aqlm_job import load_aqlm_reference
+
+    return load_aqlm_reference(path, dtype)
 
 
 _register_eval_loaders()

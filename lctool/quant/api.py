@@ -60,6 +60,10 @@ def validate(checkpoint: Checkpoint, options: QuantizeOptions) -> list[str]:
         check(options.sym is not True, "spqr uses asymmetric grids (its zero points are quantized); drop --sym")
         check(2 <= group <= 1024, f"--group-size (beta1) for spqr must be 2..1024, got {group}")
         check(all(arch.linear_shape(r)[1] <= 65536 for r in roles), "spqr stores outlier columns in 16 bits: in_features must be ≤ 65536")
+    if method == "aqlm":
+        from lctool.quant.aqlm_job import validate_aqlm
+
+        validate_aqlm(arch, roles, options)
     if method in ("nf4", "int8"):
         check(options.bits is None and options.group_size is None and not options.act_order,
               f"--bits/--group-size/--act-order do not apply to {method}")
@@ -79,7 +83,10 @@ def quantize(source: str, target: str, options: QuantizeOptions, *, force: bool 
     calibration = calibration_ids(checkpoint, options) if options.needs_calibration else None
     with CheckpointWriter(target, operation="quantize", parameters=options.model_dump(), inputs=[checkpoint],
                           seed=options.seed, force=force) as writer:
-        job = _Job(checkpoint, writer, options, roles, calibration, on_layer)
+        job_class = _Job
+        if options.method == "aqlm":
+            from lctool.quant.aqlm_job import AqlmJob as job_class
+        job = job_class(checkpoint, writer, options, roles, calibration, on_layer)
         summary = job.run()
         summary.update(output=writer.target, wall_s=round(time.time() - started, 3), peak_rss_mb=round(peak_rss_mb(), 1))
         writer.results.update(summary)

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-METHODS = ("rtn", "gptq", "spqr", "nf4", "int8")
+METHODS = ("rtn", "gptq", "spqr", "nf4", "int8", "aqlm")
 DEFAULT_BITS = {"rtn": 4, "gptq": 4, "spqr": 3}
 DEFAULT_GROUP = {"rtn": 128, "gptq": 128, "spqr": 16}
 
@@ -15,7 +15,7 @@ DEFAULT_GROUP = {"rtn": 128, "gptq": 128, "spqr": 16}
 class QuantizeOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["rtn", "gptq", "spqr", "nf4", "int8"]
+    method: Literal["rtn", "gptq", "spqr", "nf4", "int8", "aqlm"]
     bits: int | None = Field(None, ge=2, le=8, description="weight bits (rtn/gptq default 4, spqr 3)")
     group_size: int | None = Field(None, description="input columns per grid (-1: one per row); spqr: beta1")
     sym: bool | None = Field(None, description="symmetric grid (rtn/gptq default True; spqr is asymmetric)")
@@ -31,6 +31,15 @@ class QuantizeOptions(BaseModel):
     stat_group_size: int = Field(16, ge=2, le=4096, description="beta2: rows sharing one second-order grid")
     outlier_threshold: float = Field(1.0, ge=0, description="tau, relative; inf disables outliers")
     batch_size: int = Field(8, ge=1, le=4096)
+    # AQLM only
+    codebooks: int = Field(1, ge=1, le=8, description="aqlm: M, codebooks summed per group")
+    codebook_bits: int = Field(8, ge=1, le=16, description="aqlm: B, each codebook holds 2^B vectors")
+    in_group_size: int = Field(8, ge=1, le=64, description="aqlm: g, consecutive inputs per vector")
+    out_group_size: int = Field(1, ge=1, le=8, description="aqlm: outputs per vector (lctool supports 1)")
+    beam_size: int = Field(4, ge=1, le=64, description="aqlm: hypotheses kept per row in the code search")
+    aqlm_rounds: int = Field(3, ge=1, le=100, description="aqlm: code search + codebook refit alternations")
+    finetune_steps: int = Field(50, ge=0, le=100_000, description="aqlm: Adam steps of the per-block fine-tune (0: off)")
+    finetune_lr: float = Field(1e-4, gt=0, le=1)
 
     @field_validator("outlier_threshold")
     @classmethod
@@ -53,4 +62,4 @@ class QuantizeOptions(BaseModel):
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method in ("gptq", "spqr")
+        return self.method in ("gptq", "spqr", "aqlm")

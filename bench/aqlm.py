@@ -1,0 +1,128 @@
+"""AQLM at ≈2 bits on the testbed, side by side with fp32, RTN 2-bit and GPTQ 2-bit.
+
+    .venv/bin/python bench/aqlm.py                    # quick testbed, writes bench/results/aqlm.md
+    .venv/bin/python bench/aqlm.py --calib-n 8 --eval-chars 20000 --no-write
+
+Every model is measured with lctool's eval (ppl, bpb on the wiki eval split; KL to fp32); the AQLM
+artifacts are read by lctool's reference loader (the same logits as stock transformers + aqlm, which
+tests/test_aqlm.py checks). Quantize time is each run's wall clock on the shared 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+LCTOOL = os.path.join(ROOT, ".venv", "bin", "lctool")
+PAPER = "PV-Tuning paper, Llama-2-7B at 2.29 bits: ppl 5.12 → 5.68 (×1.11) with AQLM+PV"
+
+CONFIGS = [  # (label, lctool quantize arguments)
+    ("RTN 2-bit g64", ["--method", "rtn", "--bits", "2", "--group-size", "64", "--asym"]),
+    ("GPTQ 2-bit g64", ["--method", "gptq", "--bits", "2", "--group-size", "64", "--asym"]),
+    ("AQLM 2x8 g8, no block FT", ["--method", "aqlm", "--codebooks", "2", "--codebook-bits", "8",
+                                  "--in-group-size", "8", "--finetune-steps", "0"]),
+    ("AQLM 2x8 g8 + block FT", ["--method", "aqlm", "--codebooks", "2", "--codebook-bits", "8",
+                                "--in-group-size", "8", "--finetune-steps", "100"]),
+    ("AQLM 1x8 g4 + block FT", ["--method", "aqlm", "--codebooks", "1", "--codebook-bits", "8",
+                                "--in-group-size", "4", "--finetune-steps", "100"]),
+]
+
+
+def run_lctool(args: list[str]) -> dict:
+    done = subprocess.run([LCTOOL, "-q", *args, "--json"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"lctool {' '.join(args)} failed: {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout)
+
+
+def evaluate(path: str, reference, text: str, ctx: int) -> dict:
+    from lctool.eval import kl_divergence, load_for_eval, perplexity
+
+    model, tokenizer = load_for_eval(path)
+    result = perplexity(model, tokenizer, text, ctx=ctx)
+    kl = kl_divergence(model, reference, tokenizer, text, ctx=ctx) if reference is not None else 0.0
+    return {"ppl": result["ppl"], "bpb": result["bpb"], "kl": kl}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", help="model folder (default: the quick testbed)")
+    parser.add_argument("--calib-n", type=int, default=32)
+    parser.add_argument("--calib-len", type=int, default=256)
+    parser.add_argument("--ctx", type=int, default=256)
+    parser.add_argument("--eval-chars", type=int, default=0, help="cut the eval text (0: whole wiki eval split)")
+    parser.add_argument("--beam-size", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3, help="AQLM code search + codebook refit rounds")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+
+    from lctool.data import corpus_text
+    from lctool.eval import load_for_eval
+
+    torch.set_num_threads(2)
+    if args.model:
+        source = args.model
+    else:
+        from lctool.ops.testbed import testbed_path
+
+        source = testbed_path(preset="quick", build=True)
+    text = corpus_text("wiki", "eval")
+    text = text[: args.eval_chars] if args.eval_chars else text
+    work = tempfile.mkdtemp(prefix="lctool-bench-aqlm-")
+    calib = ["--calib", "wiki", "--calib-n", str(args.calib_n), "--calib-len", str(args.calib_len)]
+    reference, _ = load_for_eval(source)
+    rows = [("fp32", evaluate(source, None, text, args.ctx), {"bits_per_param_stored": 32.0, "wall_s": 0.0})]
+    try:
+        for label, options in CONFIGS:
+            target = os.path.join(work, f"run{len(rows)}")
+            extra = calib if "rtn" not in options else []
+            if "aqlm" in options:
+                extra += ["--beam-size", str(args.beam_size), "--aqlm-rounds", str(args.rounds)]
+            summary = run_lctool(["quantize", source, target, *options, *extra])
+            rows.append((label, evaluate(target, reference, text, args.ctx), summary))
+            shutil.rmtree(target, ignore_errors=True)
+            print(render(rows, source, args), file=sys.stderr)  # partial table as each run lands
+    finally:
+        report = render(rows, source, args)
+        print(report)
+        if not args.no_write:
+            with open(os.path.join(ROOT, "bench", "results", "aqlm.md"), "w") as f:
+                f.write(report)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def render(rows, source: str, args) -> str:
+    base = rows[0][1]["ppl"]
+    lines = [
+        "# lctool quantize --method aqlm on the testbed",
+        "",
+        f"Command: `.venv/bin/python bench/aqlm.py {' '.join(sys.argv[1:])}`  (model: `{source}`)",
+        f"Calibration: wiki calib split, {args.calib_n} x {args.calib_len} tokens; eval: wiki eval split"
+        f"{f' (first {args.eval_chars} chars)' if args.eval_chars else ''}, ctx {args.ctx}. AQLM: beam {args.beam_size},"
+        f" {args.rounds} rounds.",
+        "CPU only (2 shared cores, other jobs running); GPU speed unmeasured. Linear layers only are quantized;",
+        "embeddings (tied lm_head) stay fp32, as in the paper's bit counts.",
+        f"Reference: {PAPER}.",
+        "",
+        "| model | true bits/param (codes+codebooks+scales) | stored bits/param | ppl | ppl / fp32 | bpb | KL to fp32 | quantize wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, metrics, summary in rows:
+        true_bits = summary.get("bits_per_param_true", summary["bits_per_param_stored"])
+        lines.append(
+            f"| {label} | {true_bits:.3f} | {summary['bits_per_param_stored']:.3f} | {metrics['ppl']:.3f} | "
+            f"{metrics['ppl'] / base:.4f} | {metrics['bpb']:.4f} | {metrics['kl']:.5f} | {summary['wall_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
