@@ -54,3 +54,12 @@ def _autograd_left_on():
     leaked = not torch.is_grad_enabled() or torch.is_inference_mode_enabled()
     torch.set_grad_enabled(True)
     assert not leaked, "autograd was left disabled (a generator yielding inside no_grad/inference_mode?)"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for torchrun rendezvous in multi-process tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

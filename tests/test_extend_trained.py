@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lctool.ops.extend import ExtendOptions, TrainingOptions, extend
+from tests.conftest import free_port
 from tests.tiny_models import save_tiny
 
 L0 = 32
@@ -248,7 +249,7 @@ def test_runs_under_accelerate_launch_with_two_processes(workdir, method):
 
     out = workdir.folder / f"ddp-{method}"
     launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    port = str(29500 + (os.getpid() + len(method)) % 1000)
+    port = str(free_port())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # `launch --cpu` starts one process on accelerate 1.15; --multi_gpu starts two (CPU/gloo here).
     done = subprocess.run(
@@ -256,7 +257,7 @@ def test_runs_under_accelerate_launch_with_two_processes(workdir, method):
          "--dynamo_backend", "no", "--main_process_port", port, "-m", "lctool.cli.main", "-q", "extend",
          workdir.source, str(out), "--method", method, "--factor", "4", "--steps", "3", "--batch-size", "2",
          "--corpus", workdir.corpus, "--json"],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True, text=True, timeout=300, env=env, start_new_session=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     info = json.loads(done.stdout[done.stdout.index("{"):])  # printed once, by the main process

@@ -11,6 +11,8 @@ import textwrap
 import time
 
 import pytest
+
+from tests.conftest import free_port
 import torch
 from pydantic import ValidationError
 
@@ -238,14 +240,14 @@ def test_two_processes_under_accelerate_launch_agree(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_RUN.format(repo=REPO))
     launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
     started = time.time()
     # accelerate 1.15's `launch --cpu` starts ONE process unless mpirun is set up; `--multi_gpu` starts
     # two through torchrun, and on a machine without CUDA the loop makes them CPU processes with gloo.
     done = subprocess.run(
         [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", "--main_process_port", env["MASTER_PORT"], str(script), str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True, text=True, timeout=300, env=env, start_new_session=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
