@@ -11,13 +11,12 @@ import textwrap
 import time
 
 import pytest
-
-from tests.conftest import free_port
 import torch
 from pydantic import ValidationError
 
 from lctool.errors import LctoolError
 from lctool.train import ShuffledWindows, TrainConfig, TrainingInterrupted, train
+from tests.conftest import free_port
 from tests.tiny_models import tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -61,7 +61,7 @@ def prune_command(
     """Remove whole attention heads and MLP channels (LLM-Pruner), optionally recovering with LoRA.
 
     Uniform results (every layer the same size) load in stock transformers; others carry per-layer
-    sizes and a modeling file, and need trust_remote_code=True to load.
+    sizes and a modeling file, and need the caller to enable trust_remote_code to load.
     """
     from lctool.prune import prune
 

@@ -1,7 +1,7 @@
 """Model code for a checkpoint pruned by `lctool prune` whose decoder layers differ in size.
 
 Written next to the weights as `modeling_lctool_pruned.py` and named by `auto_map` in config.json;
-loading therefore needs `trust_remote_code=True`. The model is the stock transformers class of the
+loading therefore needs the user to enable `trust_remote_code`. The model is the stock transformers class of the
 family with each layer's projections rebuilt at the sizes listed in `config.<SIZES_KEY>`
 (num_attention_heads, num_key_value_heads, intermediate_size per layer). Everything else (RoPE,
 norms, attention kernels, generation) is the stock code. Requires only torch and transformers.

@@ -219,10 +219,13 @@ class _Job:
         self._write_rest(tensors)
         return results
 
-    def _layer_with_stream(self, stream: LayerStream, index: int) -> dict:
-        tensors = self.checkpoint.layer_tensors(index)
-        layer = stream.load_layer(index, tensors)
-        results = {}
+    def _sequential_linears(self, stream: LayerStream, layer, tensors: dict, index: int):
+        """The layer's roles to quantize, true-sequentially: (role, linear, weight, hessian, bias) each.
+
+        Their tensors are taken out of `tensors` (what remains is written unchanged). The caller must
+        put the quantized weight (or module) in place before asking for the next role: a stage's
+        Hessians are collected from inputs that already went through the quantized earlier stages.
+        """
         for stage in SEQUENTIAL_STAGES:
             stage_roles = tuple(r for r in stage if r in self.roles)
             if not stage_roles:
@@ -233,9 +236,16 @@ class _Job:
                 weight = linear.weight.detach().clone()
                 tensors.pop(self.arch.weight(role, index))
                 bias = tensors.pop(self.arch.module(role, index) + ".bias", None)
-                results[role], w_hat = self._quantize_one(role, index, weight, hessians[role], bias)
-                linear.weight.data.copy_(w_hat)  # later stages and the next layer see the quantized weight
+                yield role, linear, weight, hessians[role], bias
             del hessians
+
+    def _layer_with_stream(self, stream: LayerStream, index: int) -> dict:
+        tensors = self.checkpoint.layer_tensors(index)
+        layer = stream.load_layer(index, tensors)
+        results = {}
+        for role, linear, weight, hessian, bias in self._sequential_linears(stream, layer, tensors, index):
+            results[role], w_hat = self._quantize_one(role, index, weight, hessian, bias)
+            linear.weight.data.copy_(w_hat)  # later stages and the next layer see the quantized weight
         self._write_rest(tensors)
         stream.advance(layer)
         del layer

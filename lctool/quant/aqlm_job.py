@@ -19,7 +19,7 @@ from lctool.errors import LctoolError
 from lctool.io import Checkpoint
 from lctool.quant import aqlm
 from lctool.quant.api import _Job
-from lctool.quant.engine import SEQUENTIAL_STAGES, LayerStream
+from lctool.quant.engine import LayerStream
 from lctool.quant.gptq import hessian_error
 
 STORED_KEYS = ("codes", "codebooks", "scales")
@@ -96,25 +96,15 @@ class AqlmJob(_Job):
         layer = stream.load_layer(index, tensors)
         fp_outputs = stream.run(layer) if self.options.finetune_steps else None
         records, quantized, weights = {}, {}, {}
-        for stage in SEQUENTIAL_STAGES:
-            stage_roles = tuple(r for r in stage if r in self.roles)
-            if not stage_roles:
-                continue
-            hessians = stream.collect_hessians(layer, stage_roles)
-            for role in stage_roles:
-                linear = stream.linear(layer, role)
-                weight = linear.weight.detach().clone()
-                tensors.pop(self.arch.weight(role, index))
-                bias = tensors.pop(self.arch.module(role, index) + ".bias", None)
-                started = time.time()
-                result = aqlm.aqlm_quantize(weight, hessians[role], self.aqlm_settings, self.generator)
-                records[role] = {"error": round(hessian_error(weight, result.w_hat, hessians[role]), 6),
-                                 "time_s": round(time.time() - started, 3)}
-                replacement = AqlmLinear(result.codes, result.codebooks, result.scales,
-                                         None if bias is None else bias.float())
-                layer.set_submodule(self.arch.family.layer_modules[role], replacement)
-                quantized[role], weights[role] = replacement, weight
-            del hessians
+        for role, _, weight, hessian, bias in self._sequential_linears(stream, layer, tensors, index):
+            started = time.time()
+            result = aqlm.aqlm_quantize(weight, hessian, self.aqlm_settings, self.generator)
+            records[role] = {"error": round(hessian_error(weight, result.w_hat, hessian), 6),
+                             "time_s": round(time.time() - started, 3)}
+            replacement = AqlmLinear(result.codes, result.codebooks, result.scales,
+                                     None if bias is None else bias.float())
+            layer.set_submodule(self.arch.family.layer_modules[role], replacement)
+            quantized[role], weights[role] = replacement, weight
         if fp_outputs is not None and quantized:
             before, after = finetune_block(stream, layer, fp_outputs, self.options.finetune_steps, self.options.finetune_lr)
             for record in records.values():

@@ -1,7 +1,7 @@
 """CLEX (Continuous Length EXtrapolation, Chen et al., ICLR 2024) for stock transformers causal LMs.
 
 Written into a checkpoint folder by `lctool extend --method clex` and loaded with
-`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`. It depends only on torch and
+`AutoModelForCausalLM.from_pretrained(folder)` with `trust_remote_code` enabled by the user. It depends only on torch and
 transformers: each class subclasses the stock model of its family and replaces its rotary embedding,
 nothing else.
 
