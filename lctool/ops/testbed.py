@@ -62,7 +62,8 @@ class TestbedRecipe(BaseModel):
 PRESETS: dict[str, TestbedRecipe] = {
     "quick": TestbedRecipe(preset="quick"),
     # Benchmarks: ~1.6x the parameters and ~3.3x the steps of quick (about 5x its compute, ~45 min on
-    # 2 CPU cores), and 5% synthetic retrieval rows so that passkey accuracy at L0 is meaningful.
+    # 2 CPU cores), and 10% synthetic retrieval rows so that passkey accuracy at L0 is meaningful
+    # (the copy skill gets a weak signal: only the recalled digits are hard to predict in each row).
     "bench": TestbedRecipe(
         preset="bench",
         vocab_size=4096,
@@ -75,7 +76,7 @@ PRESETS: dict[str, TestbedRecipe] = {
         batch_size=16,
         lr=2.5e-3,
         warmup_steps=40,
-        retrieval_share=0.05,
+        retrieval_share=0.10,
     ),
 }
 
@@ -196,7 +197,7 @@ def retrieval_row(tokenizer, filler_ids: list[int], context: int, generator) -> 
     digits = int(torch.randint(3, 7, (1,), generator=generator))
     value = "".join(str(int(d)) for d in torch.randint(0, 10, (digits,), generator=generator))
     fact = tokenizer(f" Note: the {name} is {value}. Keep the {name} in mind.", add_special_tokens=False)["input_ids"]
-    recall = tokenizer(f" Question: what was the {name}? Answer: the {name} was {value}.",
+    recall = tokenizer(f" Question: what is the {name}? Answer: the {name} is {value}.",
                        add_special_tokens=False)["input_ids"]
     room = context - len(fact) - len(recall)
     filler = filler_ids[: max(room, 0)]
