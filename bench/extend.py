@@ -25,6 +25,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _testbed import add_testbed_argument, resolve_testbed, testbed_line  # noqa: E402  (bench/ is sys.path[0])
 
 TRAINING_FREE = ("linear", "ntk", "dynamic", "yarn", "llama3", "longrope")
 TARGET = 1.10
@@ -131,7 +132,7 @@ def table(rows: dict[str, dict], lengths: list[int]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="quick")
+    add_testbed_argument(parser)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=3e-4)
@@ -143,10 +144,8 @@ def main() -> None:
 
     import torch
 
-    from lctool.ops.testbed import testbed_path
-
     torch.set_num_threads(2)
-    testbed = testbed_path(preset=args.preset, build=True)
+    testbed, preset = resolve_testbed(args.testbed)
     l0 = json.load(open(os.path.join(testbed, "config.json")))["max_position_embeddings"]
     lengths = [l0, 2 * l0, 4 * l0, 8 * l0]
     started = time.time()
@@ -173,7 +172,7 @@ def main() -> None:
         "# Context extension (`lctool extend`) on the testbed",
         "",
         f"Command: `{command}`  ",
-        f"Testbed: `{args.preset}` ({testbed}), L0 = {l0}. Text: wiki eval split, first {args.max_tokens} "
+        f"{testbed_line(preset, testbed)} L0 = {l0}. Text: wiki eval split, first {args.max_tokens} "
         f"tokens, non-overlapping windows of each length; passkey: {args.trials} keys × 5 depths per length. "
         f"Total wall time {time.time() - started:.0f} s on 2 shared CPU cores (GPU speed unmeasured).",
         "",

@@ -21,6 +21,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from _testbed import add_testbed_argument, resolve_testbed, testbed_line  # noqa: E402  (bench/ is on sys.path)
+
 sys.path.insert(0, ROOT)
 LCTOOL = os.path.join(ROOT, ".venv", "bin", "lctool")
 GPTQ_PYTHON = os.path.join(os.environ.get("GPTQ_VENV", os.path.join(ROOT, ".venv-gptq")), "bin", "python")
@@ -88,7 +91,8 @@ def gptqmodel_run(source: str, target: str, calib_ids, group: int) -> dict | Non
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", help="model folder (default: the quick testbed)")
+    parser.add_argument("--model", help="model folder (default: the testbed, see --testbed)")
+    add_testbed_argument(parser)
     parser.add_argument("--calib-n", type=int, default=128)
     parser.add_argument("--calib-len", type=int, default=256)
     parser.add_argument("--ctx", type=int, default=256)
@@ -104,11 +108,9 @@ def main() -> None:
 
     torch.set_num_threads(2)
     if args.model:
-        source = args.model
+        source, args.preset = args.model, "custom"
     else:
-        from lctool.ops.testbed import testbed_path
-
-        source = testbed_path(preset="quick", build=True)
+        source, args.preset = resolve_testbed(args.testbed, log=lambda m: print(m, file=sys.stderr))
     text = corpus_text("wiki", "eval")
     text = text[: args.eval_chars] if args.eval_chars else text
     work = tempfile.mkdtemp(prefix="lctool-bench-quantize-")
@@ -144,6 +146,7 @@ def render(rows, source: str, args) -> str:
         "# lctool quantize on the testbed",
         "",
         f"Command: `.venv/bin/python bench/quantize.py {' '.join(sys.argv[1:])}`  (model: `{source}`)",
+        testbed_line(args.preset, source) if args.preset != "custom" else f"Model: `{source}` (not a testbed).",
         f"Calibration: wiki calib split, {args.calib_n} x {args.calib_len} tokens; eval: wiki eval split, ctx {args.ctx}.",
         "CPU only (2 shared cores); GPU speed unmeasured.",
         "",

@@ -23,9 +23,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _testbed import add_testbed_argument, resolve_testbed  # noqa: E402  (bench/ is sys.path[0])
+
 from lctool.data import corpus_text  # noqa: E402
 from lctool.eval import load_for_eval, perplexity  # noqa: E402
-from lctool.ops.testbed import testbed_path  # noqa: E402
 from lctool.ops.vocab import ExpandOptions, expand, tokens_per_char  # noqa: E402
 
 REFERENCE = "none (unexpanded)"
@@ -34,7 +35,7 @@ TEXTS = {"shakespeare": ("shakespeare", "eval"), "wiki": ("wiki", "eval")}
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="quick", help="testbed preset")
+    add_testbed_argument(parser)
     parser.add_argument("--model", default=None, help="benchmark this checkpoint instead of the testbed")
     parser.add_argument("--num-new", type=int, default=1024)
     parser.add_argument("--inits", default="mean,merge,random,align")
@@ -105,7 +106,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.time()
-    base = args.model or testbed_path(args.preset, build=True)
+    if args.model:
+        base, args.preset = args.model, "custom"
+    else:
+        base, args.preset = resolve_testbed(args.testbed)
     work = args.work or tempfile.mkdtemp(prefix="lctool-bench-vocab-")
     os.makedirs(work, exist_ok=True)
     texts = eval_texts(args.eval_chars)
@@ -142,7 +146,7 @@ def write_markdown(args, command, text, rows, expansions, wall) -> None:
         f"Machine: {platform.machine()}, {args.threads} CPU threads, torch {torch.__version__}; "
         f"whole run {wall / 60:.1f} min. CPU only: GPU speed is unmeasured.",
         "",
-        f"Model: {'`' + args.model + '`' if args.model else f'the `{args.preset}` testbed'} (tokenizer {first['tokenizer_size_before']} tokens, tied embeddings), "
+        f"Model: {'`' + args.model + '`' if args.model else f'the `{args.preset}` testbed (`lctool testbed build --preset {args.preset}`)'} (tokenizer {first['tokenizer_size_before']} tokens, tied embeddings), "
         f"expanded by {args.num_new} merges learned on the Shakespeare train split "
         f"(vocab_size {first['vocab_size_before']} → {first['vocab_size_after']}). "
         f"Eval: the first {args.eval_chars:,} characters of the Shakespeare and wiki eval splits, "
