@@ -31,7 +31,7 @@ def test_retrieval_rows_state_then_recall():
         fact = row.split(" Note: the ", 1)[1]
         name, value = fact.split(" is ", 1)[0], fact.split(" is ", 1)[1].split(".", 1)[0]
         assert value.isdigit() and 3 <= len(value) <= 6
-        assert row.endswith(f" Question: what was the {name}? Answer: the {name} was {value}.")
+        assert row.endswith(f" Question: what is the {name}? Answer: the {name} is {value}.")
         assert "pass key" not in row and "grass is green" not in row  # unlike the evaluation prompts
     depths = {row.index(" Note: the ") for row in rows}
     assert len(depths) > 10  # the fact moves through the window
