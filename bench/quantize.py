@@ -28,10 +28,21 @@ sys.path.insert(0, ROOT)
 LCTOOL = os.path.join(ROOT, ".venv", "bin", "lctool")
 GPTQ_PYTHON = os.path.join(os.environ.get("GPTQ_VENV", os.path.join(ROOT, ".venv-gptq")), "bin", "python")
 
-CONFIGS = [  # (label, lctool quantize arguments)
-    ("RTN 4-bit g128", ["--method", "rtn", "--bits", "4", "--group-size", "128"]),
-    ("GPTQ 4-bit g128", ["--method", "gptq", "--bits", "4", "--group-size", "128"]),
-    ("GPTQ 3-bit g128", ["--method", "gptq", "--bits", "3", "--group-size", "128"]),
+def configs(group: int, source: str) -> list[tuple[str, list[str]]]:
+    """(label, lctool quantize arguments) of every row after fp32."""
+    inter = json.load(open(os.path.join(source, "config.json")))["intermediate_size"]
+    nf4 = ("nf4", ["--method", "nf4"]) if inter % 64 == 0 else ("nf4 (down_proj fp32)", ["--method", "nf4", "--skip", "down"])
+    return [
+        (f"RTN 4-bit g{group}", ["--method", "rtn", "--bits", "4", "--group-size", str(group)]),
+        (f"GPTQ 4-bit g{group}", ["--method", "gptq", "--bits", "4", "--group-size", str(group)]),
+        (f"GPTQ 3-bit g{group}", ["--method", "gptq", "--bits", "3", "--group-size", str(group)]),
+        *FIXED_CONFIGS[:2],
+        nf4,  # bitsandbytes' CPU kernel needs input widths divisible by 64
+        *FIXED_CONFIGS[3:],
+    ]
+
+
+FIXED_CONFIGS = [
     ("SpQR 3-bit b16 (≈3.9)", ["--method", "spqr", "--bits", "3", "--outlier-threshold", "1.0"]),
     ("SpQR 4-bit b16 (≈4.6)", ["--method", "spqr", "--bits", "4", "--outlier-threshold", "1.0"]),
     ("nf4", ["--method", "nf4"]),
@@ -52,6 +63,13 @@ model.quantize(calibration, batch_size=8)
 model.save(target)
 print(json.dumps({"wall_s": time.time() - started}))
 """
+
+
+def largest_dividing_group(source: str) -> int:
+    """128 for the quick testbed; the bench one (hidden 320, MLP 864) needs 32."""
+    config = json.load(open(os.path.join(source, "config.json")))
+    widths = (config["hidden_size"], config["intermediate_size"])
+    return next(g for g in (128, 64, 32, 16) if all(w % g == 0 for w in widths))
 
 
 def run_lctool(args: list[str]) -> dict:
@@ -97,6 +115,8 @@ def main() -> None:
     parser.add_argument("--calib-len", type=int, default=256)
     parser.add_argument("--ctx", type=int, default=256)
     parser.add_argument("--eval-chars", type=int, default=0, help="cut the eval text (0: whole wiki eval split)")
+    parser.add_argument("--group-size", type=int, default=0,
+                        help="GPTQ/RTN group size (0: the largest of 128, 64, 32 dividing every linear's inputs)")
     parser.add_argument("--no-gptqmodel", action="store_true")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -118,7 +138,8 @@ def main() -> None:
     reference, tokenizer = load_for_eval(source)
     rows = [("fp32", evaluate(source, None, text, args.ctx), {"bits_per_param_stored": 32.0, "wall_s": 0.0})]
     try:
-        for label, options in CONFIGS:
+        group = args.group_size or largest_dividing_group(source)
+        for label, options in configs(group, source):
             target = os.path.join(work, label.split()[0].lower() + str(len(rows)))
             extra = calib if ("gptq" in options or "spqr" in options) else []
             summary = run_lctool(["quantize", source, target, *options, *extra])
@@ -127,9 +148,9 @@ def main() -> None:
         if not args.no_gptqmodel:
             target = os.path.join(work, "gptqmodel")
             ids = calibration_batches(tokenizer, "wiki", args.calib_n, args.calib_len, seed=0)
-            timing = gptqmodel_run(source, target, ids, 128)
+            timing = gptqmodel_run(source, target, ids, group)
             if timing:
-                rows.append(("GPTQModel 4-bit g128", evaluate(target, reference, text, args.ctx),
+                rows.append((f"GPTQModel 4-bit g{group}", evaluate(target, reference, text, args.ctx),
                              {"bits_per_param_stored": float("nan"), "wall_s": timing["wall_s"]}))
     finally:
         report = render(rows, source, args)

@@ -227,6 +227,19 @@ def test_bitsandbytes_round_trip(tmp_path, method):
     assert Checkpoint(str(tmp_path / "q"), check_shapes=False).manifest["results"]["method"] == method
 
 
+def test_nf4_refuses_widths_its_cpu_kernel_cannot_run_unless_skipped(tmp_path, run_cli):
+    from transformers import AutoModelForCausalLM
+
+    source = save_tiny(str(tmp_path / "m"), intermediate_size=96)  # down_proj: 96 inputs, not a multiple of 64
+    code, out, err = run_cli("quantize", source, str(tmp_path / "q"), "--method", "nf4")
+    assert code == 2 and err.strip().startswith("error: nf4: down of layer 0 has 96 inputs") and "--skip down" in err
+    assert not os.path.exists(tmp_path / "q")
+    quantize(source, str(tmp_path / "s"), QuantizeOptions(method="nf4", skip=["down"]))
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "s"), device_map="cpu").eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 256, (1, 8))).logits).all()
+
+
 # ---- the CLI ---------------------------------------------------------------------------------------
 def test_cli_json_summary(tmp_path, run_cli, calib_text):
     source = save_tiny(str(tmp_path / "m"))

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from lctool.errors import LctoolError
 from lctool.io import Checkpoint, CheckpointWriter
 from lctool.io.manifest import peak_rss_mb
 from lctool.quant.options import QuantizeOptions
@@ -33,9 +34,30 @@ def skip_module_names(checkpoint: Checkpoint, options: QuantizeOptions) -> list[
     return [arch.module("lm_head"), *leaves]
 
 
+NF4_BLOCKSIZE = 64
+
+
+def check_nf4_runs_on_cpu(checkpoint: Checkpoint, options: QuantizeOptions) -> None:
+    """bitsandbytes' CPU nf4 path reshapes absmax per row, so each quantized input width must be a
+    multiple of its blocksize; otherwise the artifact saves fine and then fails at its first forward."""
+    arch = checkpoint.arch
+    skipped = set(options.skip)
+    for role in arch.linear_roles():
+        if role in skipped:
+            continue
+        for layer in range(arch.num_layers):
+            width = arch.linear_shape(role, layer)[1]
+            if width % NF4_BLOCKSIZE:
+                raise LctoolError(
+                    f"nf4: {role} of layer {layer} has {width} inputs, not a multiple of bitsandbytes' blocksize "
+                    f"{NF4_BLOCKSIZE} (its CPU kernels cannot run it); keep it in full precision with --skip {role}")
+
+
 def quantize_bnb(checkpoint: Checkpoint, target: str, options: QuantizeOptions, *, force: bool = False) -> dict:
     from transformers import AutoModelForCausalLM
 
+    if options.method == "nf4":
+        check_nf4_runs_on_cpu(checkpoint, options)
     started = time.time()
     model = AutoModelForCausalLM.from_pretrained(
         checkpoint.path,
