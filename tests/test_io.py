@@ -109,6 +109,8 @@ with CheckpointWriter(sys.argv[1], operation="slow", max_shard_size="1MB") as w:
     for i in range(400):
         w.add_tensor(f"t{i}", torch.full((64, 1024), float(i)))
         print(i, flush=True)
+        if i == 30:
+            sys.stdin.read()  # mid-write until the test signals us: no race with a loaded machine
         time.sleep(0.005)
 """
 
@@ -116,8 +118,8 @@ with CheckpointWriter(sys.argv[1], operation="slow", max_shard_size="1MB") as w:
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
 def test_interrupted_write_leaves_nothing(tmp_path, sig):
     target = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER.replace("slow", "slow"), str(target)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(target)],
+                            stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
     if sig == signal.SIGTERM:
         # the CLI turns SIGTERM into a clean unwind; a bare script needs the same handler
         pass
@@ -141,7 +143,7 @@ def test_sigkill_during_force_replace_keeps_old_target(tmp_path):
     with CheckpointWriter(str(target), operation="old") as w:
         w.write_config({"old": True})
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER.replace('operation="slow"', 'operation="slow", force=True'),
-                             str(target)], stdout=subprocess.PIPE, text=True)
+                             str(target)], stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
     for _ in range(20):
         proc.stdout.readline()
     proc.kill()
