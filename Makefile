@@ -48,8 +48,14 @@ bench: setup side-envs
 lint: setup
 	.venv/bin/ruff check lctool tests bench
 
+# The long reliability run: thousands of corrupt inputs, 20+ SIGKILLs per writing command, disk-full
+# limits, races (tests/reliability and the safetensors fuzz at LCTOOL_SOAK=1), niced; the counts land in
+# $(SOAK_LOG) and are summed at the end (bench/results/reliability.md records a run).
+SOAK_LOG ?= logs/soak-reliability.jsonl
 soak: setup
-	LCTOOL_SOAK=1 $(PY) -m pytest -q tests/reliability
+	mkdir -p $(dir $(SOAK_LOG)) && rm -f $(SOAK_LOG)
+	LCTOOL_SOAK=1 LCTOOL_RELIABILITY_LOG=$(abspath $(SOAK_LOG)) nice -n 10 $(PY) -m pytest -n 2 --timeout 14400 -q \
+		tests/reliability tests/test_io_fuzz.py tests/test_examples.py; status=$$?; $(PY) -m tests.reliability.report $(SOAK_LOG); exit $$status
 
 clean:
 	rm -rf .venv build *.egg-info demo-out

@@ -61,7 +61,8 @@ def options_for(kind: str, args):
 
 
 def run_lctool(kind: str, base: str, args, workdir: str) -> dict:
-    from lctool.ops.finetune import finetune, load_adapter, nf4_config
+    from lctool.ops.finetune import finetune
+    from lctool.train.lora import load_adapter, nf4_config
 
     out = os.path.join(workdir, kind)
     options = options_for(kind, args)
@@ -135,7 +136,7 @@ def worker(kind: str, args) -> None:
         elif kind == "base-nf4":
             from transformers import AutoModelForCausalLM
 
-            from lctool.ops.finetune import nf4_config
+            from lctool.train.lora import nf4_config
 
             row, model = {}, AutoModelForCausalLM.from_pretrained(base, quantization_config=nf4_config(), device_map="cpu").eval()
         elif kind == "hf-trainer":

@@ -1,8 +1,13 @@
 """Checkpoint I/O throughput and peak RSS: lctool's lazy reader / streamed writer against safetensors'
 `load_file` / `save_file`, on synthetic Llama checkpoints of three sizes.
 
-Each figure is one fresh process (so peak RSS is that operation's alone); the median of --repeats
-runs is shown. Run: .venv/bin/python bench/io.py [--sizes 100,400,1600] [--repeats 3] [--out bench/results/io.md]
+Each figure is one fresh process (so peak RSS is that operation's alone). Runs are paired: each
+repeat runs lctool and safetensors back to back (alternating which goes first), so a ratio compares
+two runs made under the same machine load; the table shows medians over --repeats pairs. Besides wall
+time, each run reports its CPU time (all threads), which a shared, busy machine disturbs far less.
+--cold also reads with the source's pages evicted from the page cache first (posix_fadvise DONTNEED
+on the shard files), i.e. from disk.
+Run: .venv/bin/python bench/io.py [--sizes 100,400,1600] [--repeats 5] [--threads 1] [--cold] [--out bench/results/io.md]
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ def op_read_safetensors(src: str, dst: str) -> None:
             tensors = load_file(os.path.join(src, file))
             for tensor in tensors.values():
                 total += float(tensor.sum())  # use every byte (load_file maps lazily)
-            del tensors  # release the mapping inside the timed region, as lctool does tensor by tensor
+            tensors = tensor = None  # release the mapping inside the timed region, as lctool does tensor by tensor
 
 
 def op_write_lctool(src: str, dst: str) -> None:
@@ -102,27 +107,57 @@ def op_write_safetensors(src: str, dst: str) -> None:
 OPS = {f.__name__[3:]: f for f in (op_read_lctool, op_read_safetensors, op_write_lctool, op_write_safetensors)}
 
 
-def worker(op: str, src: str, dst: str) -> None:
+def evict_from_page_cache(folder: str) -> None:
+    """Drop the folder's shard pages from the page cache so the next read comes from disk."""
+    for file in os.listdir(folder):
+        if file.endswith(".safetensors"):
+            fd = os.open(os.path.join(folder, file), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def worker(op: str, src: str, dst: str, threads: int, cold: bool) -> None:
     import safetensors.torch  # noqa: F401 - imports are not what is measured
-    import torch  # noqa: F401
+    import torch
 
     import lctool.io  # noqa: F401
 
-    start = time.perf_counter()
+    torch.set_num_threads(threads)
+    if cold:
+        evict_from_page_cache(src)
+    start, cpu_start = time.perf_counter(), time.process_time()
     OPS[op](src, dst)
-    wall = time.perf_counter() - start
-    print(json.dumps({"wall": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    print(json.dumps({"wall": wall, "cpu": cpu, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def measure(op: str, src: str, dst: str, repeats: int) -> dict:
-    runs = []
-    for _ in range(repeats):
-        shutil.rmtree(dst, ignore_errors=True)
-        out = subprocess.run([sys.executable, __file__, "--worker", op, src, dst], check=True,
-                             capture_output=True, text=True).stdout
-        runs.append(json.loads(out.strip().splitlines()[-1]))
-    return {"wall": statistics.median(r["wall"] for r in runs),
-            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs)}
+def run_once(op: str, src: str, dst: str, threads: int, cold: bool) -> dict:
+    shutil.rmtree(dst, ignore_errors=True)
+    command = [sys.executable, __file__, "--worker", op, src, dst, "--threads", str(threads)] + (["--cold"] if cold else [])
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def measure_pair(kind: str, src: str, dst: str, args, cold: bool = False) -> dict:
+    """`kind` (read or write) by lctool and by safetensors, --repeats paired runs; medians of each
+    side's figures and of the per-pair ratios (safetensors time / lctool time)."""
+    ours, theirs = [], []
+    for repeat in range(args.repeats):
+        order = ("lctool", "safetensors") if repeat % 2 == 0 else ("safetensors", "lctool")
+        runs = {who: run_once(f"{kind}_{who}", src, dst, args.threads, cold) for who in order}
+        ours.append(runs["lctool"])
+        theirs.append(runs["safetensors"])
+    median = statistics.median
+    return {
+        "lctool": {key: median(r[key] for r in ours) for key in ("wall", "cpu", "peak_rss_mb")},
+        "safetensors": {key: median(r[key] for r in theirs) for key in ("wall", "cpu", "peak_rss_mb")},
+        "wall_ratio": median(t["wall"] / o["wall"] for o, t in zip(ours, theirs)),
+        "cpu_ratio": median(t["cpu"] / o["cpu"] for o, t in zip(ours, theirs)),
+        "wall_ratio_range": (min(t["wall"] / o["wall"] for o, t in zip(ours, theirs)),
+                             max(t["wall"] / o["wall"] for o, t in zip(ours, theirs))),
+    }
 
 
 def baseline_rss_mb() -> float:
@@ -135,26 +170,33 @@ def baseline_rss_mb() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100,400,1600", help="synthetic checkpoint sizes in MB")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="paired runs per cell")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads in each run (the consumer's sum, not the I/O, uses them)")
+    parser.add_argument("--cold", action="store_true", help="also read with the source evicted from the page cache")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default=None, help="write the markdown table here too")
     parser.add_argument("--worker", nargs=3, metavar=("OP", "SRC", "DST"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(*args.worker)
+        worker(*args.worker, args.threads, args.cold)
         return
     workdir = args.workdir or tempfile.mkdtemp(prefix="lctool-bench-io-")
     base_rss = baseline_rss_mb()
+    load_before = os.getloadavg()
     rows = []
     for size in [int(s) for s in args.sizes.split(",")]:
         src, dst = os.path.join(workdir, f"src-{size}"), os.path.join(workdir, f"dst-{size}")
         make_checkpoint(src, size)
         nbytes = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src) if f.endswith(".safetensors"))
-        result = {kind: measure(kind, src, dst, args.repeats) for kind in OPS}
+        result = {"read": measure_pair("read", src, dst, args), "write": measure_pair("write", src, dst, args)}
+        if args.cold:
+            result["read (cold)"] = measure_pair("read", src, dst, args, cold=True)
         rows.append((size, nbytes, result))
         shutil.rmtree(src, ignore_errors=True)
         shutil.rmtree(dst, ignore_errors=True)
         print(f"done {size} MB", file=sys.stderr)
+    args.load = (load_before, os.getloadavg())
     table = render(rows, base_rss, args)
     print(table)
     if args.out:
@@ -166,39 +208,50 @@ def main() -> None:
 
 def render(rows, base_rss: float, args) -> str:
     lines = [
-        "| size | op | lctool MB/s | safetensors MB/s | throughput ratio | lctool peak RSS MB | safetensors peak RSS MB | RSS ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "| size | op | lctool MB/s | safetensors MB/s | wall-time ratio (min–max) | CPU-time ratio "
+        "| lctool peak RSS MB | safetensors peak RSS MB | RSS ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for _size, nbytes, result in rows:
         mb = nbytes / 1e6
-        for op in ("read", "write"):
-            ours, theirs = result[f"{op}_lctool"], result[f"{op}_safetensors"]
+        for op, cell in result.items():
+            ours, theirs = cell["lctool"], cell["safetensors"]
+            low, high = cell["wall_ratio_range"]
             lines.append(
                 f"| {mb:.0f} MB | {op} | {mb / ours['wall']:.0f} | {mb / theirs['wall']:.0f} | "
-                f"{theirs['wall'] / ours['wall']:.2f}× | {ours['peak_rss_mb']:.0f} | {theirs['peak_rss_mb']:.0f} | "
+                f"{cell['wall_ratio']:.2f}× ({low:.2f}–{high:.2f}) | {cell['cpu_ratio']:.2f}× | "
+                f"{ours['peak_rss_mb']:.0f} | {theirs['peak_rss_mb']:.0f} | "
                 f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f} |"
             )
     growth = ""
     if len(rows) > 1:
         (first_mb, first), (last_mb, last) = (rows[0][1] / 1e6, rows[0][2]), (rows[-1][1] / 1e6, rows[-1][2])
         span = last_mb - first_mb
-        slopes = {kind: (last[kind]["peak_rss_mb"] - first[kind]["peak_rss_mb"]) / span for kind in last}
+        slopes = {
+            f"{op}_{who}": (last[op][who]["peak_rss_mb"] - first[op][who]["peak_rss_mb"]) / span
+            for op in ("read", "write") for who in ("lctool", "safetensors")
+        }
         growth = (
             "\nPeak RSS growth with checkpoint size (MB of RSS per MB of checkpoint, first to last size): "
             + ", ".join(f"{kind} {slope:.2f}" for kind, slope in slopes.items())
             + ". lctool holds about one tensor at a time (the largest here is the embedding), so its peak is flat; "
             "load_file/save_file hold the whole checkpoint.\n"
         )
-    command = f".venv/bin/python bench/io.py --sizes {args.sizes} --repeats {args.repeats}"
+    command = f".venv/bin/python bench/io.py --sizes {args.sizes} --repeats {args.repeats} --threads {args.threads}"
+    command += " --cold" if args.cold else ""
+    (before, after) = args.load
     return (
         "# Checkpoint I/O: lctool vs safetensors load_file/save_file\n\n"
-        f"Command: `{command}` (median of {args.repeats} fresh processes per cell; CPU only).\n\n"
+        f"Command: `{command}` ({args.repeats} paired fresh-process runs per cell, medians; CPU only; "
+        f"torch threads per run: {args.threads}).\n"
+        f"Load average (1/5/15 min) at start {before[0]:.1f}/{before[1]:.1f}/{before[2]:.1f}, "
+        f"at end {after[0]:.1f}/{after[1]:.1f}/{after[2]:.1f}, on {os.cpu_count()} cores.\n\n"
         f"Process baseline (python + torch + lctool imported, nothing read): {base_rss:.0f} MB peak RSS.\n"
-        "Throughput ratio = safetensors time / lctool time (>1: lctool faster). Read = every tensor into memory "
-        "(one at a time for lctool, the whole file for load_file); write = synthetic tensors (a constant fill each) to disk "
-        "(streamed for lctool, one dict for save_file).\n\n" + "\n".join(lines) + "\n" + growth
-        + "\nThese machines are shared and noisy (other jobs ran during this measurement): treat ratios within "
-        "about ±30% as parity. GPU and network-filesystem throughput are unmeasured.\n"
+        "Ratios = safetensors time / lctool time, median over the pairs (>1: lctool faster); the wall-time range is "
+        "the lowest and highest pair. Read = every tensor into memory and summed (one at a time for lctool, "
+        "the whole file for load_file); write = synthetic tensors (a constant fill each) to disk "
+        "(streamed for lctool, one dict for save_file). `read (cold)` first evicts the source from the page cache.\n\n"
+        + "\n".join(lines) + "\n" + growth
     )
 
 

@@ -4,9 +4,12 @@
     .venv/bin/python bench/merge.py --only testbed  # the small model only
 
 Each merge runs as its own process (CLI start-up included, as users run it) under a wrapper that
-reports the child's wall time and peak RSS (getrusage). Cells are the minimum of --runs runs.
-mergekit comes from .venv-mergekit (bench/setup_mergekit.sh). Inputs: a base and two fine-tunes =
-base + Gaussian deltas (2-3 % of each tensor's std) in float32. CPU only; GPU speed is unmeasured.
+reports the child's wall time, CPU time (user + system, all threads) and peak RSS (getrusage). Runs
+are interleaved (mergekit, lctool, lctool --tie-break index, then again) so that each lctool run has a
+mergekit run made under the same load beside it: the time ratios are the medians of those paired
+ratios; the seconds shown are the minima over --runs runs. mergekit comes from $LCTOOL_MERGEKIT_VENV
+(the Makefile's side environment, made by bench/setup_mergekit.sh). Inputs: a base and two fine-tunes
+= base + Gaussian deltas (2-3 % of each tensor's std) in float32. CPU only; GPU speed is unmeasured.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -23,10 +27,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 LCTOOL = os.path.join(ROOT, ".venv", "bin", "lctool")
-MERGEKIT = os.path.join(os.environ.get("LCTOOL_MERGEKIT_VENV", os.path.join(ROOT, ".venv-mergekit")), "bin", "mergekit-yaml")
+_CACHE = os.environ.get("LCTOOL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lctool")
+MERGEKIT = os.path.join(
+    os.environ.get("LCTOOL_MERGEKIT_VENV", os.path.join(_CACHE, "venvs", "mergekit-0.1.5")), "bin", "mergekit-yaml"
+)
 THREADS = "2"
 
-# Peak RSS of one child process: RUSAGE_CHILDREN of a wrapper that has exactly one child.
+# Peak RSS and CPU time of one child process: RUSAGE_CHILDREN of a wrapper that has exactly one child.
 MEASURE = r"""
 import json, resource, subprocess, sys, time
 start = time.time()
@@ -34,7 +41,8 @@ code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess
 wall = time.time() - start
 if code.returncode:
     sys.stderr.write(code.stderr[-2000:]); sys.exit(code.returncode)
-print(json.dumps({"wall": wall, "rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024}))
 """
 
 # ~1.47 GB in float32: 368M parameters.
@@ -121,40 +129,50 @@ def config_for(method: str, base: str, ft1: str, ft2: str) -> dict:
     }
 
 
-def bench_model(label: str, paths: list[str], work: str, runs: int, size_mb: float) -> list[dict]:
+def bench_model(label: str, paths: list[str], work: str, runs: int, size_mb: float, methods: list[str]) -> list[dict]:
     import yaml
 
     rows = []
-    for method in ("ties", "dare_ties"):
+    for method in methods:
         config = os.path.join(work, f"{label}-{method}.yml")
         with open(config, "w") as f:
             yaml.safe_dump(config_for(method, *paths), f)
-        out = os.path.join(work, "out")
+        outs = {tool: os.path.join(work, f"out-{label}-{method}-{tool}") for tool in ("mergekit", "lctool", "lctool-index")}
         tools = {
-            "mergekit": [MERGEKIT, config, out, "--no-write-model-card", "--random-seed", "1", "--quiet"],
-            "lctool": [LCTOOL, "-q", "merge", config, out, "--seed", "1", "--force"],
+            "mergekit": [MERGEKIT, config, outs["mergekit"], "--no-write-model-card", "--random-seed", "1", "--quiet"],
+            "lctool": [LCTOOL, "-q", "merge", config, outs["lctool"], "--seed", "1", "--force"],
         }
         if method == "ties":
             # Equal magnitudes at the cut: mergekit's exact argsort choice (default) vs lowest index first.
-            tools["lctool-index"] = [*tools["lctool"], "--tie-break", "index"]
-        best: dict[str, dict] = {}
+            tools["lctool-index"] = [LCTOOL, "-q", "merge", config, outs["lctool-index"], "--force", "--tie-break", "index"]
+        runs_of: dict[str, list[dict]] = {tool: [] for tool in tools}
         for _ in range(runs):
             for tool, command in tools.items():
-                shutil.rmtree(out, ignore_errors=True)
+                shutil.rmtree(outs[tool], ignore_errors=True)
+                load = os.getloadavg()[0]
                 result = measure(command)
-                print(f"  {label} {method} {tool}: {result['wall']:.1f} s, {result['rss_mb']:.0f} MB", file=sys.stderr)
-                previous = best.get(tool)
-                best[tool] = {
-                    "wall": min(result["wall"], previous["wall"]) if previous else result["wall"],
-                    "rss_mb": min(result["rss_mb"], previous["rss_mb"]) if previous else result["rss_mb"],
-                }
-        shutil.rmtree(out, ignore_errors=True)
-        rows.append({"model": label, "size_mb": size_mb, "method": method, "mergekit": best["mergekit"],
-                     "lctool": best["lctool"]})
-        if "lctool-index" in best:
-            rows.append({"model": label, "size_mb": size_mb, "method": "ties, --tie-break index",
-                         "mergekit": best["mergekit"], "lctool": best["lctool-index"]})
+                result["load"] = load
+                runs_of[tool].append(result)
+                print(f"  {label} {method} {tool}: {result['wall']:.1f} s wall, {result['cpu']:.1f} s CPU, "
+                      f"{result['rss_mb']:.0f} MB, load {result['load']:.1f}", file=sys.stderr)
+        names = {"lctool": method, "lctool-index": "ties, --tie-break index"}
+        for tool in tools:
+            if tool != "mergekit":
+                rows.append({"model": label, "size_mb": size_mb, "method": names[tool], "mergekit": runs_of["mergekit"],
+                             "lctool": runs_of[tool], "diff": max_abs_diff(outs["mergekit"], outs[tool])})
+        for out in outs.values():
+            shutil.rmtree(out, ignore_errors=True)
     return rows
+
+
+def max_abs_diff(ours: str, theirs: str) -> float:
+    """Largest |lctool − mergekit| over all tensors of the two outputs, read one tensor at a time."""
+    from lctool.io import Checkpoint
+
+    mine, other = Checkpoint(ours), Checkpoint(theirs)
+    if sorted(mine.tensor_names()) != sorted(other.tensor_names()):
+        raise SystemExit(f"{ours} and {theirs} hold different tensors")
+    return max((mine.get(n).double() - other.get(n).double()).abs().max().item() for n in mine.tensor_names())
 
 
 def startup() -> dict:
@@ -164,16 +182,30 @@ def startup() -> dict:
     }
 
 
+def paired_ratio(rows: list[dict], key: str) -> tuple[float, float, float]:
+    """Median, min and max over runs of lctool run i / mergekit run i (made back to back)."""
+    ratios = [lc[key] / mk[key] for mk, lc in zip(rows[0], rows[1], strict=True)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
 def table(rows: list[dict]) -> str:
     lines = [
-        "| model | size | method | mergekit s | lctool s | time ratio | mergekit peak RSS MB | lctool peak RSS MB | RSS ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | size | method | runs | mergekit wall s | lctool wall s | wall ratio, paired median (range) "
+        "| mergekit CPU s | lctool CPU s | CPU ratio | mergekit peak RSS MB | lctool peak RSS MB | RSS ratio "
+        "| max abs diff vs mergekit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         mk, lc = r["mergekit"], r["lctool"]
+        best = {name: {key: min(run[key] for run in runs) for key in ("wall", "cpu", "rss_mb")}
+                for name, runs in (("mk", mk), ("lc", lc))}
+        wall, low, high = paired_ratio([mk, lc], "wall")
+        cpu, _, _ = paired_ratio([mk, lc], "cpu")
         lines.append(
-            f"| {r['model']} | {r['size_mb']:.0f} MB | {r['method']} | {mk['wall']:.1f} | {lc['wall']:.1f} | "
-            f"{lc['wall'] / mk['wall']:.2f}× | {mk['rss_mb']:.0f} | {lc['rss_mb']:.0f} | {lc['rss_mb'] / mk['rss_mb']:.2f}× |"
+            f"| {r['model']} | {r['size_mb']:.0f} MB | {r['method']} | {len(lc)} | {best['mk']['wall']:.1f} | "
+            f"{best['lc']['wall']:.1f} | {wall:.2f}× ({low:.2f}-{high:.2f}) | {best['mk']['cpu']:.1f} | "
+            f"{best['lc']['cpu']:.1f} | {cpu:.2f}× | {best['mk']['rss_mb']:.0f} | {best['lc']['rss_mb']:.0f} | "
+            f"{best['lc']['rss_mb'] / best['mk']['rss_mb']:.2f}× | {r['diff']:.2g} |"
         )
     return "\n".join(lines)
 
@@ -185,7 +217,8 @@ def folder_mb(path: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", choices=["testbed", "synthetic"], help="Run one model only.")
-    parser.add_argument("--runs", type=int, default=2, help="Runs per cell (the minimum is reported).")
+    parser.add_argument("--runs", type=int, default=3, help="Paired runs per cell.")
+    parser.add_argument("--methods", nargs="+", choices=["ties", "dare_ties"], default=["ties", "dare_ties"])
     parser.add_argument("--work", default=None, help="Where inputs and outputs go (default: lctool's cache).")
     args = parser.parse_args()
     if not os.access(MERGEKIT, os.X_OK):
@@ -196,17 +229,21 @@ def main() -> None:
     rows = []
     if args.only in (None, "testbed"):
         paths = testbed_inputs(work)
-        rows += bench_model("testbed", paths, work, args.runs, folder_mb(paths[0]))
+        rows += bench_model("testbed", paths, work, args.runs, folder_mb(paths[0]), args.methods)
     if args.only in (None, "synthetic"):
         started = time.time()
         paths = make_finetunes(synthetic_tensors(), SYNTHETIC, os.path.join(work, "synthetic"))
         print(f"  synthetic inputs ready in {time.time() - started:.0f} s", file=sys.stderr)
-        rows += bench_model("synthetic", paths, work, args.runs, folder_mb(paths[0]))
+        rows += bench_model("synthetic", paths, work, args.runs, folder_mb(paths[0]), args.methods)
     base = startup()
+    loads = [run["load"] for r in rows for run in r["mergekit"] + r["lctool"]]
     print(table(rows))
     print()
-    print(f"Start-up alone (`--help`): mergekit {base['mergekit']['wall']:.1f} s / {base['mergekit']['rss_mb']:.0f} MB, "
-          f"lctool {base['lctool']['wall']:.1f} s / {base['lctool']['rss_mb']:.0f} MB.")
+    print(f"Load average (1 min) at the start of each run: {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores.")
+    print()
+    print(f"Start-up alone (`--help`): mergekit {base['mergekit']['wall']:.1f} s, {base['mergekit']['cpu']:.1f} s CPU, "
+          f"{base['mergekit']['rss_mb']:.0f} MB; lctool {base['lctool']['wall']:.1f} s, {base['lctool']['cpu']:.1f} s CPU, "
+          f"{base['lctool']['rss_mb']:.0f} MB.")
     print("time ratio = lctool / mergekit (goal ≤ 0.5); RSS ratio = lctool / mergekit (goal ≤ 1). CPU only; GPU unmeasured.")
 
 

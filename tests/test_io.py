@@ -126,6 +126,7 @@ def test_interrupted_write_leaves_nothing(tmp_path, sig):
     for _ in range(30):
         proc.stdout.readline()
     proc.send_signal(sig)
+    proc.stdin.close()  # a handler that only records the signal lets the blocked read resume: end it
     proc.wait(timeout=60)
     assert not target.exists()
     leftovers = [p for p in os.listdir(tmp_path) if "lctool-tmp" in p]

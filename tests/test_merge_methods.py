@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lctool.merge import sparsify
+from lctool.merge import sortorder, sparsify
 from lctool.merge.config import ConditionalParameter, evaluate_setting
 from lctool.merge.methods import KernelContext, get_method
 from lctool.merge.run import MaskRandomness, tensor_seed
@@ -143,6 +143,46 @@ def test_outlier_mask_matches_mergekit_sort_slice():
     assert torch.equal(sparsify.outlier_mask(delta, density, gamma, "argsort").reshape(-1), expected)
 
 
+def _sort_slice(values, low, high, descending):
+    mask = torch.zeros(values.numel(), dtype=torch.bool)
+    mask[torch.sort(values, descending=descending).indices[low:high]] = True
+    return mask
+
+
+@pytest.mark.parametrize("descending", [True, False])
+def test_sorted_slice_replay_equals_torch_sort_with_many_ties(descending):
+    generator = torch.Generator().manual_seed(1)
+    for n in (1, 2, 15, 16, 17, 33, 200, 5000):
+        for levels in (1, 2, 5, 1000):
+            values = torch.randint(0, levels, (n,), generator=generator).float() / 4
+            for low, high in ((0, max(1, n // 3)), (n // 4, n - n // 5), (0, n), (n - 1, n)):
+                expected = _sort_slice(values, low, high, descending)
+                assert torch.equal(sortorder.sorted_slice_mask(values, low, high, descending), expected), (n, levels, low, high)
+
+
+def test_sorted_slice_replay_on_float32_deltas_and_special_values():
+    # A fine-tune's delta rounded to float32 holds runs of equal magnitudes around any cut.
+    generator = torch.Generator().manual_seed(2)
+    base = torch.randn(300_000, generator=generator) * 0.02
+    magnitudes = ((base + torch.randn(300_000, generator=generator) * 4e-4) - base).abs()
+    k = int(0.3 * magnitudes.numel())
+    assert torch.equal(sortorder.sorted_slice_mask(magnitudes, 0, k, True), _sort_slice(magnitudes, 0, k, True))
+    for nan in ([], [float("nan")]):
+        special = torch.tensor([0.0, -0.0, float("inf"), 1.0, *nan, 1.0, 0.0, float("-inf")] * 5)
+        for low, high in ((0, 7), (3, 30)):
+            for descending in (True, False):
+                expected = _sort_slice(special, low, high, descending)
+                assert torch.equal(sortorder.sorted_slice_mask(special, low, high, descending), expected)
+
+
+@pytest.mark.parametrize("descending", [True, False])
+def test_sorted_slice_falls_back_to_the_real_sort_where_introsort_would_use_heapsort(monkeypatch, descending):
+    values = torch.randint(0, 3, (4000,), generator=torch.Generator().manual_seed(3)).float()
+    monkeypatch.setattr(sortorder, "introsort_depth_limit", lambda n: 1)
+    expected = _sort_slice(values, 100, 2100, descending)
+    assert torch.equal(sortorder.sorted_slice_mask(values, 100, 2100, descending), expected)
+
+
 # ---- kernels ------------------------------------------------------------------------------------
 
 
@@ -160,6 +200,40 @@ def test_ties_elects_sign_and_averages_agreeing_deltas():
     merged = _run("ties", base, [a, b], shared, params)
     # element 0: both +, mean 2; element 1: vote -1 -> keep -2 only; element 2: vote +2 -> keep 3; 3: none.
     assert merged.tolist() == [2.0, -2.0, 3.0, 0.0]
+
+
+def _stacked_combination(base, others, weights, consensus: bool, normalize: bool):
+    """mergekit 0.1.5's combination step written out on stacked tensors (what lctool must equal)."""
+    dtype = base.dtype
+    stacked = torch.stack([o - base for o in others])
+    weight = torch.tensor(weights, dtype=dtype).unsqueeze(-1)
+    weighted = stacked * weight
+    if consensus:
+        majority = (weighted.sum(dim=0) >= 0).to(dtype) * 2 - 1
+        mask = weighted.sign().to(dtype) == majority
+        mixed, divisor = (weighted * mask).sum(dim=0), (weight * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed, divisor = weighted.sum(dim=0), weight.sum(dim=0)
+    return (base + (mixed / divisor if normalize else mixed)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
+def test_combination_equals_stacked_sums_bit_for_bit_for_two_to_four_inputs(dtype, method):
+    generator = torch.Generator().manual_seed(4)
+    base = torch.randn(20_000, generator=generator).to(dtype)
+    weights = [0.6, 0.4, 0.25, 1.3]
+    normalize = method == "ties"
+    shared = {"normalize": normalize, "rescale": False, "lambda": 1.0, "int8_mask": False}
+    for count in (2, 3, 4):
+        # Sparse deltas: zeros must never count as agreeing, and many elements have mixed signs.
+        others = [(base.float() + torch.randn(20_000, generator=generator) * (torch.rand(20_000, generator=generator) > 0.4)).to(dtype)
+                  for _ in range(count)]
+        params = [{"weight": w, "density": 1.0} for w in weights[:count]]
+        merged = _run(method, base, others, shared, params)
+        expected = _stacked_combination(base, others, weights[:count], consensus=method == "ties", normalize=normalize)
+        assert torch.equal(merged, expected), (count, (merged.float() - expected.float()).abs().max())
 
 
 def test_task_arithmetic_is_base_plus_weighted_deltas():

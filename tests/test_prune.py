@@ -272,6 +272,113 @@ def test_gradients_and_fisher_match_autograd():
     assert not any(p.requires_grad for p in model.parameters())
 
 
+def _removed_elements(arch: ModelArch, layer: int, role: str, removed: dict) -> torch.Tensor:
+    """Mask of the elements of `role`'s weight in `layer` that the surgery deletes when the structures in
+    `removed` (heads / kv / channels index lists) go: found by cutting a tensor of element numbers."""
+    from lctool.prune.plan import LayerPlan, PrunePlan
+    from lctool.prune.surgery import cut_tensor
+
+    def kept(count: int, gone: list[int]) -> list[int]:
+        return [i for i in range(count) if i not in gone]
+
+    plans = [LayerPlan(i, list(range(arch.num_heads)), list(range(arch.num_kv_heads)),
+                       list(range(arch.intermediate_size))) for i in range(arch.num_layers)]
+    plans[layer] = LayerPlan(layer, kept(arch.num_heads, removed.get("heads", [])),
+                             kept(arch.num_kv_heads, removed.get("kv", [])),
+                             kept(arch.intermediate_size, removed.get("channels", [])), pruned=True)
+    shape = arch.linear_shape(role, layer)
+    numbers = torch.arange(shape[0] * shape[1]).reshape(shape)
+    survivors = cut_tensor(arch, PrunePlan(plans, 1, 0), arch.weight(role, layer), numbers)
+    mask = torch.ones(numbers.numel(), dtype=torch.bool)
+    mask[survivors.reshape(-1)] = False
+    return mask.reshape(shape)
+
+
+def _brute_force_taylor(arch: ModelArch, layer: int, salience: dict, removed: dict, vector: bool) -> float:
+    """First-order Taylor importance of removing `removed`, from per-element salience w * dL/dw: the sum of
+    |salience| over every deleted element, or (vector) of |sum of salience| over every deleted row/column."""
+    total = 0.0
+    for role, s in salience.items():
+        mask = _removed_elements(arch, layer, role, removed)
+        if not vector:
+            total += float(s[mask].abs().sum())
+            continue
+        whole_rows = mask.all(dim=1)  # cut rows (q/k/v/gate/up) go whole; cut columns (o/down) likewise
+        whole_cols = mask.all(dim=0)
+        if whole_rows.any():
+            total += float(s[whole_rows].sum(dim=1).abs().sum())
+        elif whole_cols.any():
+            total += float(s[:, whole_cols].sum(dim=0).abs().sum())
+    return total
+
+
+@pytest.mark.parametrize("kind", ["taylor-element", "taylor-vector"])
+def test_coupled_group_importance_is_the_brute_force_taylor_of_its_elements(kind):
+    """Every structure's score (query head, kv head, whole GQA group, MLP channel) equals the first-order
+    Taylor term of exactly the weights the surgery deletes with it, computed here from one plain autograd
+    pass over all windows at once (lctool accumulates micro-batches)."""
+    from lctool.arch import LINEAR_ROLES
+    from lctool.prune.groups import attention_units, layer_shape
+    from lctool.prune.importance import collect_gradients, layer_scores, prunable_weight_names
+
+    model = tiny_model("llama", num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3)
+    arch = ModelArch(model.config.to_dict())
+    layer, g = 1, arch.gqa_group
+    windows = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
+    names = prunable_weight_names(arch, [layer], list(LINEAR_ROLES))
+    gradients = collect_gradients(model, names, windows, fisher=False, micro_batch=2)
+
+    parameters = dict(model.named_parameters())
+    for name in names:
+        parameters[name].requires_grad_(True)
+    model(input_ids=windows, labels=windows).loss.backward()
+    salience = {role: (parameters[arch.weight(role, layer)] * parameters[arch.weight(role, layer)].grad).detach()
+                for role in LINEAR_ROLES}
+    weights = {role: parameters[arch.weight(role, layer)].detach() for role in LINEAR_ROLES}
+    scores = layer_scores(arch, layer, kind, weights, gradients, torch.Generator())
+
+    vector = kind == "taylor-vector"
+    check_close = lambda got, structures: pytest.approx(  # noqa: E731
+        _brute_force_taylor(arch, layer, salience, structures, vector), rel=1e-4, abs=1e-9) == float(got)
+    for head in range(arch.num_heads):
+        assert check_close(scores.heads[head], {"heads": [head]}), head
+    for kv in range(arch.num_kv_heads):
+        assert check_close(scores.kv_heads[kv], {"kv": [kv]}), kv
+    for channel in (0, 5, arch.intermediate_size - 1):
+        assert check_close(scores.channels[channel], {"channels": [channel]}), channel
+    # A whole GQA group (--gqa-unit kv-groups): its k/v rows with the q rows and o columns of all its heads.
+    units = attention_units(layer_shape(arch, layer), scores, "kv-groups")
+    for unit_score, (kv,) in zip(units.scores, units.kv_heads, strict=True):
+        group = {"kv": [kv], "heads": list(range(kv * g, (kv + 1) * g))}
+        assert check_close(unit_score, group), kv
+    assert min(float(scores.heads.min()), float(scores.channels.min())) > 0  # real gradients, not zeros
+
+
+def test_default_layers_keep_the_first_and_last_dense(tmp_path, run_cli):
+    path, original, _ = save_known(tmp_path, "llama", num_hidden_layers=4)
+    arch = ModelArch(original.config.to_dict())
+    out = str(tmp_path / "out")
+    summary = prune(path, out, LlmPrunerOptions(ratio=0.15, importance="l2"))
+    assert [row["pruned"] for row in summary["layers"]] == [False, True, True, False]
+    dense = (arch.num_heads, arch.num_kv_heads, arch.intermediate_size)
+    pruned = Checkpoint(out)
+    for layer in (0, 3):
+        assert tuple(summary["layers"][layer][k] for k in ("heads", "kv_heads", "intermediate_size")) == dense
+        assert torch.equal(pruned.get(arch.weight("down", layer)), Checkpoint(path).get(arch.weight("down", layer)))
+    summary = prune(path, out, LlmPrunerOptions(ratio=0.15, importance="l2", layers="all"), force=True)
+    assert all(row["pruned"] for row in summary["layers"])
+    summary = prune(path, out, LlmPrunerOptions(ratio=0.15, importance="l2", uniform=True), force=True)
+    assert summary["uniform"] and all(row["pruned"] for row in summary["layers"])
+    code, _, stderr = run_cli("prune", path, str(tmp_path / "too-much"), "--ratio", "0.5")
+    assert code == 2 and "can remove fewer than" in stderr and "--layers all" in stderr, stderr
+
+
+def test_two_layer_models_prune_every_layer_by_default(tmp_path):
+    path, _, _ = save_known(tmp_path, "llama")
+    summary = prune(path, str(tmp_path / "out"), LlmPrunerOptions(ratio=0.2, importance="l2"))
+    assert all(row["pruned"] for row in summary["layers"])
+
+
 @pytest.mark.parametrize("importance", ["taylor-vector", "taylor-element", "second-order", "random"])
 def test_every_importance_runs_end_to_end(tmp_path, importance):
     path, _, _ = save_known(tmp_path, "llama")
@@ -324,7 +431,7 @@ def test_ratio_and_multiples(tmp_path):
 def test_global_ranking_keeps_every_layer_alive(tmp_path):
     path, _, _ = save_known(tmp_path, "llama", num_hidden_layers=3)
     out = str(tmp_path / "out")
-    summary = prune(path, out, LlmPrunerOptions(ratio=0.5, importance="l2", ranking="global"))
+    summary = prune(path, out, LlmPrunerOptions(ratio=0.5, importance="l2", ranking="global", layers="all"))
     assert all(row["heads"] >= 2 and row["intermediate_size"] >= 1 for row in summary["layers"])
     assert summary["removed_fraction"] >= 0.5
     Checkpoint(out)

@@ -15,6 +15,11 @@ from lctool.errors import LctoolError, check
 # per layer. The top-level sizes stay those of the unpruned model (what the stock classes build first).
 LAYER_SIZES_KEY = "pruned_layer_sizes"
 _LAYER_SIZE_FIELDS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+# Config key of the attention / MLP sub-blocks removed by `lctool prune --method evopress --space blocks`:
+# {"attn": [layer, ...], "mlp": [layer, ...]}. Those layers hold no tensors for the removed sub-block
+# (its projections and the norm in front of it); the checkpoint's auto_map code skips it.
+DROPPED_SUBLAYERS_KEY = "lctool_dropped_sublayers"
+SUBLAYER_KINDS = ("attn", "mlp")
 
 
 def supported_families() -> list[str]:
@@ -23,7 +28,7 @@ def supported_families() -> list[str]:
 
 def family_of(config: dict) -> Family:
     model_type = config.get("model_type")
-    family = MODEL_TYPE_TO_FAMILY.get(model_type)
+    family = MODEL_TYPE_TO_FAMILY.get(model_type) if isinstance(model_type, str) else None
     if family is None:
         raise LctoolError(
             f"unsupported architecture {model_type!r} (supported: {', '.join(supported_families())})"
@@ -50,17 +55,17 @@ class ModelArch:
         self.hidden_size = self._positive_int("hidden_size")
         self.num_layers = self._positive_int("num_hidden_layers")
         self.num_heads = self._positive_int("num_attention_heads")
-        self.num_kv_heads = int(config.get("num_key_value_heads") or self.num_heads)
+        self.num_kv_heads = self._optional_positive_int("num_key_value_heads", self.num_heads)
         self.intermediate_size = self._positive_int("intermediate_size")
         self.vocab_size = self._positive_int("vocab_size")
-        head_dim = config.get("head_dim")
-        self.head_dim = int(head_dim) if head_dim else self.hidden_size // self.num_heads
+        self.head_dim = self._optional_positive_int("head_dim", self.hidden_size // self.num_heads)
         check(
             self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0,
             f"num_attention_heads ({self.num_heads}) is not a multiple of num_key_value_heads ({self.num_kv_heads})",
         )
         check(self.head_dim > 0, "head_dim must be positive")
         self.layer_sizes = self._read_layer_sizes()
+        self.dropped_sublayers = self._read_dropped_sublayers()
 
     def _read_layer_sizes(self) -> dict[str, list[int]] | None:
         sizes = self.config.get(LAYER_SIZES_KEY)
@@ -78,11 +83,28 @@ class ModelArch:
                                    f"not a multiple of its {kv} key/value heads")
         return sizes
 
+    def _read_dropped_sublayers(self) -> dict[str, frozenset[int]]:
+        dropped = self.config.get(DROPPED_SUBLAYERS_KEY)
+        if dropped is None:
+            return {kind: frozenset() for kind in SUBLAYER_KINDS}
+        check(isinstance(dropped, dict) and set(dropped) == set(SUBLAYER_KINDS)
+              and all(isinstance(v, list) for v in dropped.values()),
+              f"config.json: {DROPPED_SUBLAYERS_KEY} must map attn and mlp to lists of layer indices")
+        for kind, layers in dropped.items():
+            check(all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_layers for i in layers),
+                  f"config.json: {DROPPED_SUBLAYERS_KEY}.{kind} must list layers in 0..{self.num_layers - 1}")
+        return {kind: frozenset(dropped[kind]) for kind in SUBLAYER_KINDS}
+
     def _positive_int(self, key: str) -> int:
         value = self.config.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise LctoolError(f"config.json: {key} must be a positive integer, got {value!r}")
         return value
+
+    def _optional_positive_int(self, key: str, default: int) -> int:
+        """A positive integer, or `default` when absent, null or 0 (as transformers reads these keys)."""
+        value = self.config.get(key)
+        return default if value is None or value is False or value == 0 else self._positive_int(key)
 
     # ---- facts ---------------------------------------------------------------------------------
     @property
@@ -180,9 +202,30 @@ class ModelArch:
             "down": (h, inter),
         }[role]
 
+    def sublayer_roles(self, kind: str) -> tuple[str, ...]:
+        """Roles that exist only for a layer's attention ("attn") or MLP ("mlp") sub-block, its norm included."""
+        if kind == "attn":
+            return (*ATTN_ROLES, "input_norm", *self.family.head_norm_roles)
+        if kind == "mlp":
+            return (*MLP_ROLES, "post_attn_norm")
+        raise LctoolError(f"unknown sub-block {kind!r} (sub-blocks: {', '.join(SUBLAYER_KINDS)})")
+
+    def sublayer_path(self, kind: str) -> str:
+        """Path of the sub-block module inside a decoder layer (`self_attn`, `mlp`)."""
+        role = ATTN_ROLES[0] if kind == "attn" else MLP_ROLES[0]
+        self.sublayer_roles(kind)  # validates kind
+        return self.family.layer_modules[role].rpartition(".")[0]
+
+    def sublayer_norm_path(self, kind: str) -> str:
+        """Path of the norm in front of the sub-block (`input_layernorm`, `post_attention_layernorm`)."""
+        return self.family.layer_modules["input_norm" if kind == "attn" else "post_attn_norm"]
+
     def layer_tensor_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
         shapes: dict[str, tuple[int, ...]] = {}
+        absent = {r for kind in SUBLAYER_KINDS if layer in self.dropped_sublayers[kind] for r in self.sublayer_roles(kind)}
         for role in self.family.layer_modules:
+            if role in absent:
+                continue
             if role in LINEAR_ROLES:
                 out_f, in_f = self.linear_shape(role, layer)
                 shapes[self.weight(role, layer)] = (out_f, in_f)

@@ -41,7 +41,10 @@ def read_rope(config: dict) -> RopeSettings:
     """RoPE settings of a config in either spelling; v5's `rope_parameters` wins when both exist."""
     params = config.get("rope_parameters")
     if params is None:
-        params = dict(config.get("rope_scaling") or {})
+        params = config.get("rope_scaling") or {}
+        if not isinstance(params, dict):
+            raise LctoolError("config.json: rope_scaling must be an object")
+        params = dict(params)
         if "rope_theta" in config:
             params.setdefault("rope_theta", config["rope_theta"])
     if not isinstance(params, dict):
@@ -53,6 +56,8 @@ def read_rope(config: dict) -> RopeSettings:
     partial = params.pop("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
     if not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 1:
         raise LctoolError(f"config.json: rope_theta must be a number > 1, got {theta!r}")
+    if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0 < partial <= 1:
+        raise LctoolError(f"config.json: partial_rotary_factor must be a number in (0, 1], got {partial!r}")
     return RopeSettings(float(theta), str(rope_type), params, float(partial))
 
 

@@ -6,7 +6,7 @@ import time
 
 import typer
 
-from lctool.cli.common import State, emit_json, stdout
+from lctool.cli.common import State, device_option, dtype_option, emit, grid_table, kv_table
 from lctool.errors import LctoolError
 
 
@@ -54,12 +54,7 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def _tables(results: dict) -> list:
-    from rich.table import Table
-
     ppl = results["perplexity"]
-    summary = Table(title=f"{results['model']}", show_header=False, title_justify="left")
-    summary.add_column(style="bold")
-    summary.add_column()
     rows = [
         ("text", f"{results['source']} ({ppl['text_tokens']:,} tokens, {ppl['text_bytes']:,} bytes)"),
         (
@@ -78,51 +73,31 @@ def _tables(results: dict) -> list:
     if "kl" in results:
         kl = results["kl"]
         rows.append(("KL(reference ‖ model)", f"{kl['kl']:.5f} nats/token vs {kl['reference']}"))
-    for key, value in rows:
-        summary.add_row(key, value)
-    tables = [summary]
+    tables = [kv_table(results["model"], rows)]
     if "ppl_vs_length" in results:
-        lengths = Table(
-            title="perplexity vs context length" + (f" → {results['plot']}" if results.get("plot") else ""),
-            title_justify="left",
-        )
-        for column in ("length", "windows", "scored tokens", "ppl", "bpb"):
-            lengths.add_column(column, justify="right")
-        for row in results["ppl_vs_length"]:
-            lengths.add_row(
-                str(row["length"]),
-                str(row["windows"]),
-                f"{row['tokens']:,}",
-                _fmt(row["ppl"]),
-                _fmt(row["bpb"], 4),
-            )
-        tables.append(lengths)
+        title = "perplexity vs context length" + (f" → {results['plot']}" if results.get("plot") else "")
+        tables.append(grid_table(
+            title, ("length", "windows", "scored tokens", "ppl", "bpb"),
+            [(row["length"], row["windows"], f"{row['tokens']:,}", _fmt(row["ppl"]), _fmt(row["bpb"], 4))
+             for row in results["ppl_vs_length"]],
+        ))
     if "passkey" in results:
         tables.append(_passkey_table(results["passkey"]))
     return tables
 
 
 def _passkey_table(passkey: dict):
-    from rich.table import Table
-
     depths = sorted({cell["depth"] for cell in passkey["cells"]})
-    table = Table(
-        title=f"passkey retrieval accuracy (overall {passkey['accuracy']:.2f}, seed {passkey['seed']})",
-        title_justify="left",
-    )
-    table.add_column("length \\ depth", justify="right")
-    for depth in depths:
-        table.add_column(f"{depth:g}", justify="right")
-    table.add_column("mean", justify="right")
     by_length = {row["length"]: row["accuracy"] for row in passkey["by_length"]}
+    rows = []
     for length in by_length:
         cells = {c["depth"]: c for c in passkey["cells"] if c["length"] == length}
-        table.add_row(
-            str(length),
-            *[f"{cells[d]['correct']}/{cells[d]['trials']}" for d in depths],
-            f"{by_length[length]:.2f}",
-        )
-    return table
+        rows.append((length, *[f"{cells[d]['correct']}/{cells[d]['trials']}" for d in depths],
+                     f"{by_length[length]:.2f}"))
+    return grid_table(
+        f"passkey retrieval accuracy (overall {passkey['accuracy']:.2f}, seed {passkey['seed']})",
+        ("length \\ depth", *(f"{depth:g}" for depth in depths), "mean"), rows,
+    )
 
 
 def eval_command(
@@ -161,15 +136,14 @@ def eval_command(
         None, "--max-tokens", help="Evaluate only the first N tokens of the text."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the passkeys."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
-    device: str = typer.Option("cpu", "--device", help="Torch device to run on (cpu, cuda, cuda:1)."),
+    dtype: str = dtype_option("float32", "Weights and activations"),
+    device: str = device_option("cpu"),
     layer_by_layer: str = typer.Option(
         "auto", "--layer-by-layer", help="auto (when the weights do not fit in memory), always or never."
     ),
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code", help="Allow the checkpoint's own model code."
     ),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout, no progress."),
 ) -> None:
     """Perplexity and bits-per-byte over windows of --ctx tokens; optionally perplexity versus length
     (--lengths, --plot), passkey retrieval (--passkey) and KL(reference ‖ model) (--reference).
@@ -201,13 +175,9 @@ def eval_command(
         trust_remote_code=trust_remote_code,
     )
     _quiet_transformers()
-    with progress(disable=True if as_json else None) as bar:
+    with progress() as bar:
         results = evaluate(model, options, RichTracker(bar))
-    if as_json:
-        emit_json(results)
-    else:
-        for table in _tables(results):
-            stdout.print(table)
+    emit(results, _tables)
 
 
 def _quiet_transformers() -> None:

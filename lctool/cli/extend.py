@@ -7,7 +7,7 @@ import os
 
 import typer
 
-from lctool.cli.common import emit_json, stdout
+from lctool.cli.common import emit, kv_table
 from lctool.errors import LctoolError
 
 METHOD_HELP = "linear | ntk | dynamic | yarn | llama3 | longrope (training-free); e2llm | clex (short fine-tune)"
@@ -54,11 +54,6 @@ def summary(path: str) -> dict:
 
 
 def _table(info: dict):
-    from rich.table import Table
-
-    table = Table(title=f"extend → {info['output']}", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
     rows = [
         ("method", str(info["method"])),
         ("original length L0", str(info["original_length"])),
@@ -76,9 +71,7 @@ def _table(info: dict):
     for trial in info.get("search") or []:
         shape = ", ".join(f"{k} {v:g}" for k, v in trial.items() if k not in ("factor", "ppl"))
         rows.append((f"search factor {trial['factor']:g}" + (f", {shape}" if shape else ""), f"ppl {trial['ppl']:.3f}"))
-    for key, value in rows:
-        table.add_row(key, value)
-    return table
+    return kv_table(f"extend → {info['output']}", rows)
 
 
 def extend_command(
@@ -110,7 +103,6 @@ def extend_command(
     search_corpus: str = typer.Option("wiki:calib", "--search-corpus", help="Held-out text for --search."),
     search_tokens: int = typer.Option(8192, "--search-tokens", help="Tokens scored per --search candidate."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output; re-scale an already scaled input."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
 ) -> None:
     """Extend the context window: write the RoPE scaling (training-free) or fine-tune with E²-LLM / CLEX."""
     from lctool.ops.extend import ExtendOptions, TrainingOptions, extend
@@ -134,11 +126,7 @@ def extend_command(
     out = extend(source, target, options, force=force, search=search_options)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under accelerate launch / torchrun the main process reports
-    info = summary(out)
-    if as_json:
-        emit_json(info)
-    else:
-        stdout.print(_table(info))
+    emit(summary(out), _table)
 
 
 def register(app: typer.Typer) -> None:

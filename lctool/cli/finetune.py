@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import typer
 
-from lctool.cli.common import State, emit_json, stderr, stdout
+from lctool.cli.common import State, emit, kv_table, stderr
 
 
 def _table(summary: dict):
-    from rich.table import Table
-
-    table = Table(title=summary["output"], show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
     rows = [
         ("written", summary["kind"]),
         ("steps", f"{summary['steps']} (from step {summary['start_step']})"),
@@ -25,9 +20,7 @@ def _table(summary: dict):
     ]
     rows += [(f"eval @ step {e['step']}", ", ".join(f"{k} {v}" for k, v in e.items() if k != "step"))
              for e in summary["evals"]]
-    for key, value in rows:
-        table.add_row(key, str(value))
-    return table
+    return kv_table(summary["output"], rows)
 
 
 def finetune_command(
@@ -58,7 +51,6 @@ def finetune_command(
     log: str = typer.Option(None, "--log", help="JSONL log of every step (a copy goes into OUT)."),
     seed: int = typer.Option(0, "--seed"),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON summary on stdout."),
 ) -> None:
     """Fine-tune with LoRA (or QLoRA) adapters on the shared training loop."""
     from lctool.ops.finetune import FinetuneOptions, finetune
@@ -76,10 +68,7 @@ def finetune_command(
     except TrainingInterrupted as stopped:
         stderr.print(str(stopped))
         raise typer.Abort() from stopped  # the CLI's exit 130
-    if as_json:
-        emit_json(summary)
-    else:
-        stdout.print(_table(summary))
+    emit(summary, _table)
 
 
 def register(app: typer.Typer) -> None:

@@ -6,17 +6,12 @@ import json
 
 import typer
 
-from lctool.cli.common import emit_json, stdout
+from lctool.cli.common import dtype_option, emit, kv_table
 
 
 def _table(info: dict):
-    from rich.table import Table
-
     from lctool.io.reader import human_bytes, parameter_count_str
 
-    table = Table(title=info["path"], show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
     rows = [
         ("family", info["family"]),
         ("parameters", f"{parameter_count_str(info['parameters'])} ({info['parameters']:,})"),
@@ -40,48 +35,56 @@ def _table(info: dict):
     if lct:
         rows.append(("made by", f"lctool {lct['version']} {lct['operation']} ({lct['created_utc']}, "
                                 f"{lct['wall_time_s']} s, peak RSS {lct['peak_rss_mb']} MB)"))
-        for step, link in enumerate(lct["lineage"], start=1):
-            params = ", ".join(f"{k}={v}" for k, v in (link["parameters"] or {}).items())
-            rows.append((f"  lineage {step}", f"{link['operation']} {params}"))
+        rows += [(f"  lineage {step}", _step(link)) for step, link in enumerate(lct["lineage"], start=1)]
     else:
         rows.append(("made by", "not lctool (no lctool.json)"))
-    for key, value in rows:
-        table.add_row(key, value)
-    return table
+    return kv_table(info["path"], rows)
+
+
+def _step(link: dict) -> str:
+    """One operation of the lineage: its parameters that were set, and what it read."""
+    params = ", ".join(f"{k}={_short(v)}" for k, v in _flat(link["parameters"] or {}) if v not in (None, [], {}))
+    sources = ", ".join(str(path) for path in link.get("inputs") or [])
+    return f"{link['operation']} {params}" + (f"  ← {sources}" if sources else "")
+
+
+def _flat(parameters: dict, prefix: str = ""):
+    """Nested option groups (extend's training=...) as training.steps=..."""
+    for key, value in parameters.items():
+        if isinstance(value, dict) and value:
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _short(value) -> str:
+    text = json.dumps(value, default=str) if isinstance(value, list) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def inspect_command(
     path: str = typer.Argument(..., help="Checkpoint folder."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
 ) -> None:
     """Show what a checkpoint holds: family, size, dtypes, RoPE, quantization, lineage."""
     from lctool.io.describe import describe
 
-    info = describe(path)
-    if as_json:
-        emit_json(info)
-    else:
-        stdout.print(_table(info))
+    emit(describe(path), _table)
 
 
 def convert_command(
     source: str = typer.Argument(..., help="Input checkpoint folder."),
     target: str = typer.Argument(..., help="Output folder (must not exist unless --force)."),
-    dtype: str = typer.Option(None, "--dtype", help="Cast floating tensors: float32, float16, bfloat16."),
+    dtype: str = dtype_option(None, "Cast floating tensors to this dtype"),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest shard, e.g. 5GB, 500MB."),
     check_finite: bool = typer.Option(False, "--check-finite", help="Refuse inputs holding NaN/Inf."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
 ) -> None:
     """Copy a checkpoint through lctool: re-shard, re-type, validate, add a manifest."""
     from lctool.ops.convert import ConvertOptions, convert
 
     options = ConvertOptions(dtype=dtype, max_shard_size=max_shard_size, check_finite=check_finite)
     out = convert(source, target, options, force=force)
-    if as_json:
-        emit_json({"output": out})
-    else:
-        stdout.print(f"wrote {out}")
+    emit({"output": out}, lambda result: f"wrote {result['output']}")
 
 
 def register(app: typer.Typer) -> None:

@@ -1,10 +1,14 @@
 """The `lctool` command: a thin typer shell over the operations in lctool.ops/quant/prune/merge.
 
-Exit codes: 0 success, 1 failure during work, 2 bad input or usage, 130 interrupted.
+Exit codes (docs/cli.md): 0 success; 1 failure during work (a bug or the environment: disk, memory,
+a library error); 2 bad input or usage (one line `error: ...`, nothing written); 130 interrupted
+(SIGINT, SIGTERM). `--debug` adds the traceback; with `--json` a failure also prints
+{"error": ..., "exit_code": ...} on stdout.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import importlib.util
 import signal
@@ -16,7 +20,7 @@ from pydantic import ValidationError
 from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer >= 0.26 ships its own click
 
 from lctool import __version__
-from lctool.cli.common import State, stderr
+from lctool.cli.common import State, apply_conventions, emit_error, stderr
 from lctool.errors import LctoolError, validation_message
 
 app = typer.Typer(
@@ -43,8 +47,8 @@ def _global(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or logs on stderr."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
-    State.debug = debug
-    State.quiet = quiet
+    State.debug = debug or State.debug
+    State.quiet = quiet or State.quiet
 
 
 def _register_commands() -> None:
@@ -52,6 +56,7 @@ def _register_commands() -> None:
         module_name = f"lctool.cli.{name}"
         if importlib.util.find_spec(module_name) is not None:
             importlib.import_module(module_name).register(app)
+    apply_conventions(app)  # --json, --config, --quiet/--debug and the stdout/stderr split, everywhere
 
 
 _register_commands()
@@ -64,44 +69,61 @@ def _terminate(signum, frame):
 
 def run(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    State.reset()
     State.debug = "--debug" in args
+    State.json = "--json" in args  # until the command itself knows (usage errors come before it)
     signal.signal(signal.SIGTERM, _terminate)
     command = typer.main.get_command(app)
     try:
         # Non-standalone click returns (not raises) the code of typer's Exit, e.g. 130 for Ctrl-C.
         result = command.main(args=args, prog_name="lctool", standalone_mode=False)
         return result if isinstance(result, int) else 0
-    except LctoolError as e:
-        if State.debug:
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValidationError as e:
-        print(f"error: {validation_message(e)}", file=sys.stderr)
-        return 2
     except typer.Exit as e:
         return e.exit_code
     except NoArgsIsHelpError as e:
         print(e.ctx.get_help() if e.ctx else "", file=sys.stderr)
         return 2
-    except ClickException as e:
-        print(f"error: {e.format_message()}", file=sys.stderr)
-        return 2
-    except typer.Abort:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         return 1
-    except Exception as e:  # noqa: BLE001 - the last line of defence: one line unless --debug
-        if State.debug:
+    except BaseException as e:  # noqa: BLE001 - the last line of defence: one line unless --debug
+        if isinstance(e, SystemExit | GeneratorExit):
+            raise
+        message, code = _failure(e)
+        message = _one_line(message)
+        if State.debug and code != 130:
             traceback.print_exc()
-        else:
+        elif code == 1 and not _out_of_space(e):
             stderr.print("[dim](run with --debug for the traceback)[/dim]")
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+        print(f"error: {message}", file=sys.stderr)
+        emit_error(message, code)
+        return code
+
+
+def _one_line(message: str) -> str:
+    """Messages quote user input (a YAML key, a file name); newlines or other control characters in it
+    must not break the one-line `error:` contract, so they are shown escaped."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message)
+
+
+def _out_of_space(error: BaseException) -> bool:
+    """A full disk or quota, or a file-size limit: the environment failed, not lctool (writers clean up)."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def _failure(error: BaseException) -> tuple[str, int]:
+    """The one-line message and exit code of an exception."""
+    if _out_of_space(error):
+        where = f" ({error.filename})" if error.filename else ""
+        return f"out of disk space{where}: {error.strerror}; no output was written", 1
+    if isinstance(error, LctoolError):
+        return str(error), 2
+    if isinstance(error, ValidationError):
+        return validation_message(error), 2
+    if isinstance(error, ClickException):
+        return error.format_message(), 2
+    if isinstance(error, typer.Abort | KeyboardInterrupt):
+        return "interrupted", 130
+    return f"{type(error).__name__}: {error}", 1
 
 
 def main() -> None:

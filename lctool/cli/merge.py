@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from lctool.cli.common import emit_json, log, progress, stdout
+from lctool.cli.common import DTYPES, device_option, dtype_option, emit, kv_table, log, progress
 from lctool.errors import LctoolError
 
 
@@ -28,17 +28,16 @@ def merge_command(
     weight: list[str] = typer.Option(None, "--weight", help="Weight per model (repeat, or comma-separated)."),
     density: list[str] = typer.Option(None, "--density", help="Density per model (repeat, or comma-separated)."),
     param: list[str] = typer.Option(None, "--param", help="Global parameter KEY=VALUE, e.g. t=0.5, lambda=1.2."),
-    dtype: str = typer.Option(None, "--dtype", help="Working dtype of a quick merge: float32, bfloat16, ..."),
-    out_dtype: str = typer.Option(None, "--out-dtype", help="Output dtype of a quick merge."),
+    dtype: str = dtype_option(None, "Working dtype of a quick merge", (*DTYPES, "float64")),
+    out_dtype: str = dtype_option(None, "Output dtype of a quick merge", (*DTYPES, "float64"), "--out-dtype"),
     tokenizer_source: str = typer.Option(None, "--tokenizer-source", help="Quick merge: base, union or a model."),
     seed: int = typer.Option(0, "--seed", help="Seed of DARE/DELLA masks (same seed, same bytes)."),
     seed_mode: str = typer.Option("tensor", "--seed-mode", help="tensor (per-tensor seeds) or mergekit (its draw order)."),
     rescale: str = typer.Option("l1", "--rescale", help="DARE/DELLA rescaling: l1 (mergekit) or inverse_density (paper)."),
-    tie_break: str = typer.Option("argsort", "--tie-break", help="TIES cut ties: argsort (as mergekit) or index (fast)."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    tie_break: str = typer.Option("argsort", "--tie-break", help="TIES cut ties: argsort (as mergekit) or index (lowest index first)."),
+    device: str = device_option("cpu", "Device of the arithmetic: cpu, cuda or cuda:N."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
 ) -> None:
     """Merge fine-tunes of one base: mergekit YAML configs unchanged, or a quick merge from options."""
     from lctool.merge import MergeOptions, merge, quick_config
@@ -78,17 +77,14 @@ def merge_command(
             bar.update(task, completed=done, total=total, info=name)
 
         results = merge(config, target, options, force=force, on_tensor=on_tensor)
-    if as_json:
-        emit_json(results)
-        return
-    from rich.table import Table
-
-    table = Table(title=f"merged into {results['output']}", show_header=False, title_justify="left")
-    for key in ("method", "models", "tensors", "merge_seconds", "peak_rss_mb"):
-        table.add_row(key, str(results[key]))
-    stdout.print(table)
     if results["ignored_tensors"]:
         log(f"ignored {len(results['ignored_tensors'])} tensor(s) the architecture map does not know")
+    emit(results, _table)
+
+
+def _table(results: dict):
+    keys = ("method", "models", "tensors", "merge_seconds", "peak_rss_mb")
+    return kv_table(f"merged into {results['output']}", [(key, results[key]) for key in keys])
 
 
 def register(app: typer.Typer) -> None:

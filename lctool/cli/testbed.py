@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from lctool.cli.common import emit_json, log, stdout
+from lctool.cli.common import emit, kv_table, log
 
 testbed_app = typer.Typer(help="Build or locate the embedded testbed model (trained here from real text).",
                           no_args_is_help=True)
@@ -15,7 +15,6 @@ def build_command(
     out: str = typer.Argument(None, help="Also copy the testbed to this folder."),
     preset: str = typer.Option("quick", "--preset", help="quick (tests, demo) or bench (benchmarks)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
 ) -> None:
     """Build the testbed once per machine (cached), report it, and optionally copy it to OUT."""
     from lctool.ops.convert import convert
@@ -27,13 +26,13 @@ def build_command(
     summary = testbed_summary(path)
     if out:
         summary["copied_to"] = out
-    if as_json:
-        emit_json(summary)
-    else:
-        for key in ("path", "preset", "parameters", "corpus_tokens", "training_tokens_seen", "final_loss",
-                    "train_wall_s", "copied_to"):
-            if key in summary:
-                stdout.print(f"{key:>22}: {summary[key]}")
+    emit(summary, _summary_table)
+
+
+def _summary_table(summary: dict):
+    keys = ("path", "preset", "parameters", "corpus_tokens", "training_tokens_seen", "final_loss", "train_wall_s",
+            "copied_to")
+    return kv_table("testbed", [(key, summary[key]) for key in keys if key in summary])
 
 
 @testbed_app.command("path")
@@ -48,7 +47,7 @@ def path_command(
     path = testbed_path(preset, build=build, log=log)
     if path is None:
         raise LctoolError(f"the {preset} testbed is not built (run: lctool testbed build --preset {preset})")
-    print(path)
+    emit({"path": path, "preset": preset}, lambda result: result["path"])
 
 
 def register(app: typer.Typer) -> None:

@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import typer
 
-from lctool.cli.common import emit_json, log, stdout
+from lctool.cli.common import emit, grid_table, kv_table, log
 
 vocab_app = typer.Typer(help="Expand or trim a model's byte-level BPE vocabulary (tokenizer + embeddings).",
                         no_args_is_help=True)
 
 
-def _print_results(title: str, results: dict) -> None:
-    from rich.table import Table
+def _results_table(title: str):
+    def render(results: dict):
+        rows = [(key.replace("_", " "), ", ".join(repr(v) for v in value) if isinstance(value, list) else value)
+                for key, value in results.items()]
+        return kv_table(f"{title}: {results['output']}", rows)
 
-    table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    for key, value in results.items():
-        shown = ", ".join(repr(v) for v in value) if isinstance(value, list) else str(value)
-        table.add_row(key.replace("_", " "), shown)
-    stdout.print(table)
+    return render
 
 
 @vocab_app.command("expand")
@@ -36,7 +33,6 @@ def expand_command(
     seed: int = typer.Option(0, "--seed", help="Seed of random init and of align's SVD."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size"),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
 ) -> None:
     """Learn new BPE merges on a corpus (or add given tokens), continuing the model's own merges."""
     from lctool.ops.vocab import ExpandOptions, expand
@@ -46,10 +42,7 @@ def expand_command(
                             max_shard_size=max_shard_size)
     log(f"vocab expand: {model} -> {out}")
     results = expand(model, out, options, force=force)
-    if as_json:
-        emit_json(results)
-    else:
-        _print_results(f"vocab expand: {results['output']}", results)
+    emit(results, _results_table("vocab expand"))
 
 
 @vocab_app.command("trim")
@@ -61,7 +54,6 @@ def trim_command(
     pad_to_multiple: int = typer.Option(1, "--pad-to-multiple", help="Round vocab_size up to a multiple (e.g. 64)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size"),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
 ) -> None:
     """Remove tokens a corpus never uses (and merges producing only them), renumbering ids everywhere."""
     from lctool.ops.vocab import TrimOptions, trim
@@ -69,36 +61,25 @@ def trim_command(
     options = TrimOptions(corpus=corpus, split=split, pad_to_multiple=pad_to_multiple, max_shard_size=max_shard_size)
     log(f"vocab trim: {model} -> {out}")
     results = trim(model, out, options, force=force)
-    if as_json:
-        emit_json(results)
-    else:
-        _print_results(f"vocab trim: {results['output']}", results)
+    emit(results, _results_table("vocab trim"))
 
 
 @vocab_app.command("fertility")
 def fertility_command(
     models: list[str] = typer.Argument(..., help="Checkpoint or tokenizer folders."),
     corpus: list[str] = typer.Option(["shakespeare:eval", "wiki:eval"], "--corpus", help="Texts to measure (repeatable)."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
 ) -> None:
     """Tokens per character of each tokenizer on each text (lower: fewer tokens for the same text)."""
-    from rich.table import Table
-
     from lctool.data import load_text_source
     from lctool.ops.vocab import tokens_per_char
 
     texts = {name: load_text_source(name) for name in corpus}
     rows = {model: {name: round(tokens_per_char(model, text), 5) for name, text in texts.items()} for model in models}
-    if as_json:
-        emit_json({"tokens_per_char": rows})
-        return
-    table = Table(title="tokens per character")
-    table.add_column("tokenizer")
-    for name in texts:
-        table.add_column(name, justify="right")
-    for model, values in rows.items():
-        table.add_row(model, *(f"{v:.4f}" for v in values.values()))
-    stdout.print(table)
+    emit({"tokens_per_char": rows}, lambda result: grid_table(
+        "tokens per character", ("tokenizer", *texts),
+        [(model, *(f"{v:.4f}" for v in values.values())) for model, values in result["tokens_per_char"].items()],
+        left=("tokenizer",),
+    ))
 
 
 def register(app: typer.Typer) -> None:

@@ -77,6 +77,9 @@ def load_model(
             f"{path} runs its own model code (auto_map: {', '.join(sorted(checkpoint.config['auto_map']))}); "
             "pass --trust-remote-code if you trust it"
         )
+    from lctool.io.hf import check_buildable
+
+    check_buildable(checkpoint.config)
     method = quant_method_of(path)
     if method is not None:
         _import_loader_modules()

@@ -115,7 +115,10 @@ def load_evaluated(path: str, options: EvalOptions, layer_by_layer: bool):
 
     dtype = DTYPES[options.dtype]
     if layer_by_layer:
+        from lctool.io.hf import check_buildable
+
         tokenizer = load_tokenizer(path)
+        check_buildable(Checkpoint(path, check_shapes=False).config)
         runner = LayerwiseRunner(path, dtype=dtype, device=options.device)
         check_tokenizer_fits(tokenizer, runner.vocab_size)
         return runner, tokenizer, runner.checkpoint.config

@@ -87,12 +87,17 @@ def perplexity_of_stream(
     return _summary(plan, stream, nll_sum, seconds)
 
 
+def _exp(value: float) -> float:
+    """exp that says inf, not OverflowError, for a model whose loss is astronomically high."""
+    return math.exp(value) if value < 709.0 else math.inf
+
+
 def _summary(plan: WindowPlan, stream: TokenStream, nll_sum: float, seconds: float) -> dict:
     tokens = plan.scored_tokens
     scored_bytes = int(stream.owned_bytes[plan.scored_positions()].sum())
     check(scored_bytes > 0, "the scored tokens cover no bytes of text")
     return {
-        "ppl": math.exp(nll_sum / tokens),
+        "ppl": _exp(nll_sum / tokens),
         "bpb": nll_sum / (math.log(2) * scored_bytes),
         "nll_sum": nll_sum,
         "tokens": tokens,

@@ -47,12 +47,46 @@ def sha256_file(path: str) -> str:
 
 
 def describe_input(checkpoint) -> dict:
-    """An input's identity: its path, the sha256 of every shard, and its own manifest (lineage)."""
+    """An input's identity: its path, the sha256 of every shard, and its own manifest with that file's
+    sha256 (so each artifact carries the whole chain that made it, checkable against the files)."""
+    from lctool.io.reader import MANIFEST_FILE
+
+    manifest_path = os.path.join(checkpoint.path, MANIFEST_FILE)
     return {
         "path": checkpoint.path,
         "shards": {f: sha256_file(checkpoint.shard_path(f)) for f in checkpoint.shard_files},
+        "manifest_sha256": sha256_file(manifest_path) if checkpoint.manifest is not None else None,
         "manifest": checkpoint.manifest,
     }
+
+
+def lineage(manifest: dict | None) -> list[dict]:
+    """The operations behind an artifact, oldest first: every input's chain (a merge has several)
+    comes before the step that used it; a step reached twice is listed once."""
+    chain: list[dict] = []
+    seen: set[str] = set()
+
+    def visit(node: dict) -> None:
+        inputs = [i for i in node.get("inputs") or [] if isinstance(i, dict)]
+        for source in inputs:
+            if isinstance(source.get("manifest"), dict):
+                visit(source["manifest"])
+        key = json.dumps(node, sort_keys=True, default=str)
+        if key in seen:
+            return
+        seen.add(key)
+        chain.append({
+            "operation": node.get("operation"),
+            "parameters": node.get("parameters") or {},
+            "seed": node.get("seed"),
+            "inputs": [source.get("path") for source in inputs],
+            "created_utc": node.get("created_utc"),
+            "lctool_version": node.get("lctool_version"),
+        })
+
+    if isinstance(manifest, dict):
+        visit(manifest)
+    return chain
 
 
 def build_manifest(

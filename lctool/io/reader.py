@@ -13,9 +13,9 @@ from collections.abc import Iterator
 
 from lctool.arch import ModelArch
 from lctool.errors import LctoolError
-from lctool.io.mapping import map_range
+from lctool.io.mapping import TruncatedError, map_range
 from lctool.io.paths import inside
-from lctool.io.safetensors_format import SafetensorsHeader, TensorEntry, read_header
+from lctool.io.safetensors_format import DTYPES, SafetensorsHeader, TensorEntry, read_header
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -66,6 +66,7 @@ class Checkpoint:
         self.path = os.path.abspath(path)
         if not os.path.isdir(self.path):
             raise LctoolError(f"no checkpoint folder at {path}")
+        self._refuse_links_out()
         config = read_json(os.path.join(self.path, "config.json"), "config.json")
         if not isinstance(config, dict):
             raise LctoolError("config.json is not a JSON object")
@@ -79,6 +80,13 @@ class Checkpoint:
             self._check_shapes()
 
     # ---- discovery ---------------------------------------------------------------------------------
+    def _refuse_links_out(self) -> None:
+        """Every file lctool (or transformers, on its behalf) reads from the folder must resolve inside
+        it: a symlink to elsewhere would read, and copy into outputs, files the folder does not hold."""
+        for name in ("config.json", INDEX_FILE, MANIFEST_FILE, SINGLE_FILE, *CARRIED_FILES):
+            if os.path.islink(os.path.join(self.path, name)):
+                inside(self.path, name, name)
+
     def _load_headers(self) -> None:
         index_path = os.path.join(self.path, INDEX_FILE)
         if os.path.exists(index_path):
@@ -190,10 +198,9 @@ class Checkpoint:
         entry = self.entry(name)
         header = self.headers[self._file_of[name]]
         offset = header.data_start + entry.start
-        element = torch.empty((), dtype=entry.torch_dtype).element_size()
         if entry.nbytes == 0:
             tensor = torch.empty(entry.shape, dtype=entry.torch_dtype)
-        elif offset % element == 0:
+        elif offset % DTYPES[entry.dtype][1] == 0:
             tensor = self._mapped(header.path, offset, entry).view(entry.torch_dtype).reshape(entry.shape)
         else:
             tensor = self._read(header.path, offset, entry).view(entry.torch_dtype).reshape(entry.shape)
@@ -203,10 +210,10 @@ class Checkpoint:
     def _mapped(path: str, offset: int, entry: TensorEntry):
         import torch
 
-        if os.path.getsize(path) < offset + entry.nbytes:
-            raise LctoolError(f"{os.path.basename(path)}: tensor {entry.name!r} is truncated")
         try:
             buffer, start = map_range(path, offset, entry.nbytes)
+        except TruncatedError:
+            raise LctoolError(f"{os.path.basename(path)}: tensor {entry.name!r} is truncated") from None
         except OSError:
             return Checkpoint._read(path, offset, entry)
         return torch.frombuffer(buffer, dtype=torch.uint8, offset=start, count=entry.nbytes)
@@ -244,14 +251,10 @@ class Checkpoint:
                 raise LctoolError(f"tensor {name} holds {bad} NaN/Inf values")
 
     def lineage(self) -> list[dict]:
-        """The chain of lctool operations behind this checkpoint, oldest first."""
-        chain: list[dict] = []
-        manifest = self.manifest
-        while isinstance(manifest, dict):
-            chain.append({"operation": manifest.get("operation"), "parameters": manifest.get("parameters", {})})
-            inputs = manifest.get("inputs") or []
-            manifest = inputs[0].get("manifest") if inputs and isinstance(inputs[0], dict) else None
-        return list(reversed(chain))
+        """The lctool operations behind this checkpoint, oldest first (lctool.io.manifest.lineage)."""
+        from lctool.io.manifest import lineage
+
+        return lineage(self.manifest)
 
     def __repr__(self) -> str:
         params = self.num_parameters()

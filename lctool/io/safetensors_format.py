@@ -16,8 +16,10 @@ from dataclasses import dataclass
 
 from lctool.errors import LctoolError
 
-# Far above what any real checkpoint needs (a 70B model's shard headers are well under 1 MB).
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Far above what any real checkpoint needs (a 70B model's shard headers are well under 1 MB; a whole
+# 30B mixture of experts in one file, ~20k tensors, about 2.5 MB), yet small enough that a hostile header
+# cannot exhaust memory: parsing JSON costs ~15x its size (a 57 MB header of 1M entries peaked at 0.9 GB).
+MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_TENSORS_PER_FILE = 1_000_000
 MAX_NDIM = 8
 

@@ -224,10 +224,17 @@ class CheckpointWriter:
     def __enter__(self) -> CheckpointWriter:
         self._refuse_bad_target()
         self._lock()
-        clean_stale_temps(self.target)
-        parent, name = os.path.split(self.target)
-        self.tmp = os.path.join(parent, f".{name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        os.makedirs(self.tmp)
+        try:
+            # Again under the lock: a writer that finished between the first check and the lock has
+            # made the target since, and without --force this run must not replace it.
+            self._refuse_bad_target()
+            clean_stale_temps(self.target)
+            parent, name = os.path.split(self.target)
+            self.tmp = os.path.join(parent, f".{name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            os.makedirs(self.tmp)
+        except BaseException:
+            self._unlock()
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -105,11 +105,6 @@ def _sparsify(delta, kind: str | None, params: dict, rescale: bool, ctx: KernelC
     )
 
 
-def _agreeing(delta: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-    """Where a (weighted) delta's sign matches the elected sign; zeros never agree."""
-    return (delta != 0) & ((delta > 0) == positive)
-
-
 def task_arithmetic_kernel(consensus: bool, sparsification: str | None) -> Kernel:
     """base + λ·Σ wᵢ·sparsify(xᵢ − base), with TIES sign election when `consensus`.
 
@@ -135,11 +130,9 @@ def task_arithmetic_kernel(consensus: bool, sparsification: str | None) -> Kerne
             deltas = [weighted_delta(index) for index in range(len(others))]
         weights = torch.tensor([p["weight"] for p in per_input], dtype=deltas[0].dtype)
         if consensus:
-            mixed, divisor = _elect_and_sum(deltas, weights)
+            mixed, divisor = _elect_and_sum(deltas, weights, divisor_needed=shared["normalize"])
         else:
-            mixed = deltas[0]
-            for delta in deltas[1:]:
-                mixed.add_(delta)
+            mixed = _sum_in_order(deltas)
             divisor = weights.sum()
             if divisor.abs() < 1e-8:
                 divisor = torch.ones_like(divisor)
@@ -148,28 +141,53 @@ def task_arithmetic_kernel(consensus: bool, sparsification: str | None) -> Kerne
             mixed.div_(divisor)
         if shared["lambda"] != 1:
             mixed.mul_(shared["lambda"])
-        return (base + mixed).to(base.dtype)
+        return mixed.add_(base).to(base.dtype)
 
     return kernel
 
 
-def _elect_and_sum(deltas: list, weights: torch.Tensor):
-    """TIES: elect each element's sign by the weighted sum, then sum the agreeing deltas."""
-    vote = deltas[0].clone()
-    for delta in deltas[1:]:
-        vote.add_(delta)
-    positive = vote >= 0
-    divisor = vote.zero_()
-    agreeing = _agreeing(deltas[0], positive)
-    mixed = deltas[0].mul_(agreeing)
-    divisor.add_(agreeing.to(divisor.dtype).mul_(weights[0]))
-    for index in range(1, len(deltas)):
-        agreeing = _agreeing(deltas[index], positive)
-        mixed.add_(deltas[index].mul_(agreeing))
-        divisor.add_(agreeing.to(divisor.dtype).mul_(weights[index]))
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _sum_in_order(tensors: list) -> torch.Tensor:
+    """Σ tensors as torch's `stack(tensors).sum(dim=0)` adds them (mergekit's sums): in order, half
+    precision accumulated in float32 and rounded once. May reuse the first tensor's buffer."""
+    dtype = tensors[0].dtype
+    total = tensors[0].to(_accumulation_dtype(dtype))
+    for tensor in tensors[1:]:
+        total.add_(tensor)
+    return total.to(dtype)
+
+
+def _elect_and_sum(deltas: list, weights: torch.Tensor, divisor_needed: bool = True):
+    """TIES: elect each element's sign by the weighted sum, then sum the deltas that agree with it.
+
+    As mergekit: the elected sign is + where the sum is ≥ 0 (else −); a delta agrees when its sign
+    equals it (zeros never do); the divisor is the sum of the agreeing inputs' weights (0 → 1).
+    Each delta's agreement is `delta · sign > 0`, a 0/1 mask in the deltas' dtype, so the sums are
+    mergekit's `Σ delta·mask` term for term (the products are exact). Half-precision sums accumulate
+    in float32 and round once, as torch's `sum(dim=0)` over mergekit's stacked deltas does. Consumes
+    `deltas`.
+    """
+    dtype = deltas[0].dtype
+    accumulate = _accumulation_dtype(dtype)
+    vote = _sum_in_order([deltas[0].clone(), *deltas[1:]])
+    one = torch.ones((), dtype=dtype, device=vote.device)
+    sign = torch.where(vote >= 0, one, -one)
+    agreeing = vote  # the vote's buffer, reused for each delta's mask
+    divisor = torch.zeros_like(vote, dtype=accumulate) if divisor_needed else None
+    mixed = None if accumulate == dtype else torch.zeros_like(vote, dtype=accumulate)
+    for index, delta in enumerate(deltas):
+        torch.mul(delta, sign, out=agreeing).gt_(0)
+        if divisor is not None:
+            divisor.add_(agreeing, alpha=weights[index].item())
+        mixed = delta.mul_(agreeing) if mixed is None else mixed.addcmul_(delta, agreeing)
         deltas[index] = None
-    divisor[divisor == 0] = 1
-    return mixed, divisor
+    if divisor is not None:
+        divisor = divisor.to(dtype)
+        divisor.masked_fill_(divisor == 0, 1)
+    return mixed.to(dtype), divisor
 
 
 def _gta_params(normalize: bool, rescale: bool, extra: tuple[Param, ...] = ()) -> tuple[Param, ...]:

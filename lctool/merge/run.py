@@ -46,8 +46,8 @@ class MergeOptions(BaseModel):
     )
     tie_break: Literal["argsort", "index"] = Field(
         "argsort",
-        description="equal magnitudes at the TIES/breadcrumbs cut: argsort (mergekit's exact choice, slow "
-        "when ties straddle the cut) or index (lowest index first, fast)",
+        description="equal magnitudes at the TIES/breadcrumbs cut: argsort (mergekit's exact choice, its sort "
+        "replayed in linear time on CPU) or index (lowest index first)",
     )
     device: str = Field("cpu", description="cpu or cuda[:n] for the arithmetic")
     max_shard_size: str = "5GB"

@@ -54,12 +54,12 @@ def rescale_l1(original: torch.Tensor, kept: torch.Tensor, mergekit_sums: bool =
 # ---- magnitude selection --------------------------------------------------------------------------
 
 
-def _rank_range_mask(magnitudes: torch.Tensor, low: int, high: int, exact_order, tie_break: str) -> torch.Tensor:
-    """Elements whose ascending rank by magnitude lies in [low, high), as a bool mask.
+def _rank_range_mask(magnitudes: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """Elements whose ascending rank by magnitude lies in [low, high), as a bool mask; equal magnitudes
+    rank higher at lower indices (the "index" tie-break).
 
-    Ranks are only ambiguous among equal magnitudes at a boundary. Two O(n) selections find the
-    boundary values; when a tie straddles a boundary, "argsort" repeats mergekit's own (unstable)
-    sort call to pick the same elements, and "index" ranks equal magnitudes higher at lower indices.
+    Ranks are only ambiguous among equal magnitudes at a boundary: two O(n) selections find the
+    boundary values, and only the tied elements there need ranking by index.
     """
     n = magnitudes.numel()
     floor = torch.kthvalue(magnitudes, low + 1).values if low > 0 else None
@@ -73,10 +73,6 @@ def _rank_range_mask(magnitudes: torch.Tensor, low: int, high: int, exact_order,
         tied = magnitudes == value
         first_rank = int((magnitudes < value).sum())
         count = int(tied.sum())
-        if tie_break == "argsort" and (first_rank < low < first_rank + count or first_rank < high < first_rank + count):
-            mask = torch.zeros(n, dtype=torch.bool, device=magnitudes.device)
-            mask[exact_order()] = True
-            return mask
         if count == 1:
             keep |= tied if low <= first_rank < high else torch.zeros_like(tied)
             continue
@@ -85,18 +81,32 @@ def _rank_range_mask(magnitudes: torch.Tensor, low: int, high: int, exact_order,
     return keep
 
 
+def _sorted_magnitudes_mask(delta: torch.Tensor, low: int, high: int, descending: bool, tie_break: str) -> torch.Tensor:
+    """Elements at positions [low, high) of mergekit's `torch.sort(|delta|.float(), descending)`.
+
+    "argsort" picks among equal magnitudes at a boundary exactly as that sort does (on CPU replayed in
+    O(n), see sortorder.py); "index" ranks equal magnitudes by index instead.
+    """
+    n = delta.numel()
+    magnitudes = delta.abs().reshape(-1).float()  # a fresh tensor: the replay may permute it
+    if tie_break == "index":
+        ranks = (n - high, n - low) if descending else (low, high)
+        mask = _rank_range_mask(magnitudes, *ranks)
+    elif delta.device.type == "cpu":
+        from lctool.merge import sortorder  # numba: loaded only by the methods that sort
+
+        mask = sortorder.sorted_slice_mask(magnitudes, low, high, descending, scratch=True)
+    else:
+        mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
+        mask[torch.sort(magnitudes, descending=descending).indices[low:high]] = True
+    return mask.reshape(delta.shape)
+
+
 def magnitude_mask(delta: torch.Tensor, density: float, tie_break: str) -> torch.Tensor:
     """TIES trimming: the k = max(1, int(density·n)) largest |delta| (mergekit's argsort order)."""
     n = delta.numel()
     k = max(1, int(density * n))
-    magnitudes = delta.abs().reshape(-1).float()
-    return _rank_range_mask(
-        magnitudes,
-        n - k,
-        n,
-        lambda: torch.argsort(magnitudes, descending=True)[:k],
-        tie_break,
-    ).reshape(delta.shape)
+    return _sorted_magnitudes_mask(delta, 0, k, True, tie_break)
 
 
 def outlier_mask(delta: torch.Tensor, density: float, gamma: float, tie_break: str) -> torch.Tensor:
@@ -105,14 +115,7 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float, tie_break: s
     target = int(density * n)
     top = int(gamma * n)
     bottom = max(0, n - target - top)
-    magnitudes = delta.abs().reshape(-1).float()
-    return _rank_range_mask(
-        magnitudes,
-        bottom,
-        bottom + target,
-        lambda: torch.sort(magnitudes, descending=False).indices[bottom : bottom + target],
-        tie_break,
-    ).reshape(delta.shape)
+    return _sorted_magnitudes_mask(delta, bottom, bottom + target, False, tie_break)
 
 
 def work_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -129,14 +132,15 @@ def keep_draw(probability, shape, dtype, generator: torch.Generator, mergekit_st
     """A keep mask with P(keep) = probability (a number or a tensor), drawn on the CPU.
 
     In mergekit's stream the draw is `torch.bernoulli(p)` exactly as mergekit makes it (a 0/1 tensor
-    of `dtype`); otherwise `uniform < p` (a bool tensor), which is cheaper and has the same law.
+    of `dtype`); otherwise `uniform < p` (a float32 0/1 tensor made in the uniforms' buffer), which is
+    cheaper and has the same law.
     """
     if mergekit_stream:
         if not isinstance(probability, torch.Tensor):
             probability = torch.full(shape, probability, dtype=dtype)
         return torch.bernoulli(probability.cpu(), generator=generator)
     uniform = torch.rand(shape, generator=generator, dtype=torch.float32)
-    return uniform < (probability.cpu() if isinstance(probability, torch.Tensor) else probability)
+    return uniform.lt_(probability.cpu() if isinstance(probability, torch.Tensor) else probability)
 
 
 def random_drop(delta, density, generator, *, rescale: bool, rule: str, mergekit_stream: bool):
@@ -144,7 +148,7 @@ def random_drop(delta, density, generator, *, rescale: bool, rule: str, mergekit
     if density >= 1:
         return delta
     compute = work_dtype(delta)
-    mask = keep_draw(density, delta.shape, compute, generator, mergekit_stream).to(delta.device)
+    mask = keep_draw(density, delta.shape, compute, generator, mergekit_stream).to(delta.device, compute)
     original = delta.to(compute)
     kept = original * mask
     del mask
@@ -175,7 +179,7 @@ def della_drop(delta, density, epsilon, generator, *, rescale: bool, rule: str, 
         return delta
     compute = work_dtype(delta)
     probabilities = della_probabilities(delta, density, epsilon, compute)
-    mask = keep_draw(probabilities, delta.shape, compute, generator, mergekit_stream).to(delta.device)
+    mask = keep_draw(probabilities, delta.shape, compute, generator, mergekit_stream).to(delta.device, compute)
     original = delta.to(compute)
     kept = original * mask
     del mask
@@ -185,5 +189,7 @@ def della_drop(delta, density, epsilon, generator, *, rescale: bool, rule: str, 
 
 
 def magnitude_drop(delta, mask: torch.Tensor, *, rescale: bool) -> torch.Tensor:
-    kept = delta * mask.to(delta.dtype)
-    return rescale_l1(delta, kept) if rescale else kept
+    """`delta` (which the caller gives up) times the 0/1 mask, as mergekit's `tensor * mask`."""
+    if not rescale:
+        return delta.mul_(mask)
+    return rescale_l1(delta, delta * mask)

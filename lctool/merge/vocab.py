@@ -20,11 +20,11 @@ from lctool.io import Checkpoint
 
 
 def _tokenizer(checkpoint: Checkpoint):
-    from transformers import AutoTokenizer
+    from lctool.io.hf import load_tokenizer
 
     if not any(os.path.exists(os.path.join(checkpoint.path, f)) for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         return None
-    return AutoTokenizer.from_pretrained(checkpoint.path)
+    return load_tokenizer(checkpoint.path)
 
 
 def _same_tokenizer_files(a: Checkpoint, b: Checkpoint) -> bool:
@@ -162,9 +162,9 @@ def build_alignment(checkpoints: dict[str, Checkpoint], base: str, source: str, 
         output = _union_tokenizer(tokenizers[base], tokenizers, rows)
         vocab = output.get_vocab()
     else:
-        from transformers import AutoTokenizer
+        from lctool.io.hf import load_tokenizer
 
-        output = AutoTokenizer.from_pretrained(resolve(source))
+        output = load_tokenizer(resolve(source))
         vocab = output.get_vocab()
     size = len(vocab)
     if pad_to and size % pad_to:

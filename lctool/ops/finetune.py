@@ -18,9 +18,10 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from lctool.arch.families import LINEAR_ROLES
 from lctool.errors import LctoolError, check
 from lctool.io import Checkpoint, CheckpointWriter
+from lctool.train import lora
+from lctool.train.lora import load_adapter as load_adapter  # finetune's reader of its own output
 
 TRAINABLE_GROUPS = ("embed", "norm", "lm_head")
 DEFAULT_MAX_SEQ_LEN = 1024
@@ -91,20 +92,19 @@ def trainable_groups(text: str | None) -> list[str]:
     return groups
 
 
-def modules_to_save(arch, groups: list[str]) -> list[str]:
-    """Leaf module names peft trains fully (`modules_to_save`), from the architecture map."""
-    names: list[str] = []
+def fully_trained_roles(arch, groups: list[str]) -> list[str]:
+    """The roles of the `--trainable` groups (peft trains their modules whole)."""
+    roles: list[str] = []
     if "embed" in groups:
-        names.append(arch.module("embed"))
+        roles.append("embed")
     if "lm_head" in groups:
         check(not arch.tied or "embed" in groups,
               "--trainable lm_head: this model ties lm_head to the embeddings; train embed instead")
         if not arch.tied:
-            names.append(arch.module("lm_head"))
+            roles.append("lm_head")
     if "norm" in groups:
-        names.append(arch.module("final_norm"))
-        names += [arch.module(role, 0) for role in arch.family.norm_roles]
-    return sorted({name.rsplit(".", 1)[-1] for name in names})
+        roles += ["final_norm", *arch.family.norm_roles]
+    return roles
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -146,18 +146,24 @@ def text_examples(tokenizer, source: str, seq_len: int) -> dict[str, torch.Tenso
 def read_jsonl(path: str) -> list[dict]:
     check(os.path.isfile(path), f"no data file at {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise LctoolError(f"{path}:{number}: not UTF-8 text") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 raise LctoolError(f"{path}:{number}: not valid JSON") from None
             text_row = isinstance(row, dict) and isinstance(row.get("text"), str)
             pair_row = isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str)
             check(text_row or pair_row, f'{path}:{number}: expected {{"text": ...}} or {{"prompt": ..., "completion": ...}}')
-            rows.append(row)
+            # Only the fields that made the row valid travel on (a stray non-string "text" beside a valid
+            # prompt/completion pair must not make it look like a text row later).
+            rows.append({"text": row["text"]} if text_row else {"prompt": row["prompt"], "completion": row["completion"]})
     check(rows, f"no training data: {path} has no rows")
     kinds = {"text" in row for row in rows}
     check(len(kinds) == 1, f"{path}: rows mix text and prompt/completion; use one kind per file")
@@ -228,55 +234,27 @@ def eval_text(options: FinetuneOptions) -> str | None:
 
 
 # ---- model ----------------------------------------------------------------------------------------
-def nf4_config():
-    from transformers import BitsAndBytesConfig
-
-    # Double quantization also avoids a bitsandbytes CPU save bug (see docs: stock formats).
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.float32)
-
-
 def load_base(checkpoint: Checkpoint, qlora: bool):
-    from transformers import AutoModelForCausalLM
-
     check(not checkpoint.is_quantized, f"{checkpoint.path} is already quantized; fine-tune an unquantized model "
                                        "(--qlora quantizes it to nf4 on load)")
-    if not qlora:
-        from lctool.io.hf import load_causal_lm
+    if qlora:
+        return lora.load_nf4(checkpoint.path)
+    from lctool.io.hf import load_causal_lm
 
-        return load_causal_lm(checkpoint.path, dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(checkpoint.path, quantization_config=nf4_config(),
-                                                dtype=torch.float32, device_map="cpu" if not torch.cuda.is_available() else None)
+    return load_causal_lm(checkpoint.path, dtype=torch.float32)
 
 
 def lora_config(checkpoint: Checkpoint, options: FinetuneOptions):
-    from peft import LoraConfig
-
     arch = checkpoint.arch
     roles = arch.linear_roles(options.target)
-    saved = modules_to_save(arch, trainable_groups(options.trainable))
-    return LoraConfig(
-        r=options.lora_r,
-        lora_alpha=options.lora_alpha,
-        lora_dropout=options.lora_dropout,
-        target_modules=arch.module_names_for_roles(roles),
-        modules_to_save=saved or None,
-        ensure_weight_tying=arch.tied and bool(saved),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    spec = lora.LoraSpec(rank=options.lora_r, alpha=options.lora_alpha, dropout=options.lora_dropout, roles=roles,
+                         train_fully=fully_trained_roles(arch, trainable_groups(options.trainable)))
+    return lora.peft_config(arch, spec)
 
 
 def peft_model(checkpoint: Checkpoint, options: FinetuneOptions):
-    from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import set_seed
-
     config = lora_config(checkpoint, options)
-    set_seed(options.seed)  # LoRA's A matrices are drawn at random: the same seed, the same adapter
-    base = load_base(checkpoint, options.qlora)
-    if options.qlora:
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-    return get_peft_model(base, config)
+    return lora.attach(load_base(checkpoint, options.qlora), config, seed=options.seed)
 
 
 def run_tag(checkpoint: Checkpoint, options: FinetuneOptions, examples: dict) -> dict:
@@ -316,10 +294,11 @@ def prepare_training_folder(folder: str, resume: bool, force: bool) -> None:
 
 def finetune(model_path: str, target: str, options: FinetuneOptions, force: bool = False, progress: bool = True) -> dict:
     """Fine-tune `model_path` and write an adapter (or a merged checkpoint) to `target`; returns the summary."""
-    from lctool.io.hf import load_tokenizer
+    from lctool.io.hf import check_buildable, load_tokenizer
     from lctool.train import ShuffledWindows, TrainConfig, train
 
     checkpoint = Checkpoint(model_path)
+    check_buildable(checkpoint.config)
     seq_len = resolve_seq_len(checkpoint, options.seq_len)
     lora_config(checkpoint, options)  # unknown roles and groups fail here, before any loading
     check_output(target, force)
@@ -370,8 +349,7 @@ def write_adapter(model, checkpoint, target, options, results, log_path, force) 
     with CheckpointWriter(target, operation="finetune", parameters=options.model_dump(), inputs=[checkpoint],
                           seed=options.seed, force=force, require_config=False) as writer:
         writer.results.update(results)
-        model.peft_config["default"].base_model_name_or_path = checkpoint.path
-        model.save_pretrained(writer.tmp, safe_serialization=True)
+        lora.save_adapter(model, writer.tmp, checkpoint.path)
         writer.carry_files(checkpoint)
         if os.path.exists(log_path):
             writer.copy_file(log_path, "train_log.jsonl")
@@ -380,13 +358,7 @@ def write_adapter(model, checkpoint, target, options, results, log_path, force) 
 def merged_model(model, checkpoint: Checkpoint, options: FinetuneOptions):
     """The base with the adapter merged in, at full precision (a QLoRA adapter is merged into the
     unquantized base: merging into nf4 weights would re-round them)."""
-    if options.qlora:
-        from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-
-        adapter = get_peft_model_state_dict(model)
-        model = get_peft_model(load_base(checkpoint, qlora=False), lora_config(checkpoint, options))
-        set_peft_model_state_dict(model, adapter)
-    merged = model.merge_and_unload()
+    merged = lora.merge(model, onto=load_base(checkpoint, qlora=False) if options.qlora else None)
     base_dtype = checkpoint.entry(checkpoint.arch.weight("embed")).torch_dtype
     return merged.to(base_dtype).eval()
 
@@ -398,58 +370,3 @@ def write_merged(merged, checkpoint, target, options, results, log_path, force) 
                    carry_from=checkpoint, seed=options.seed, force=force, results=results)
     if os.path.exists(log_path):
         shutil.copyfile(log_path, os.path.join(target, "train_log.jsonl"))
-
-
-# ---- reading adapters back ------------------------------------------------------------------------
-def load_adapter(adapter_path: str, base_path: str | None = None, dtype: torch.dtype = torch.float32):
-    """A stock `PeftModel` of an adapter folder on its base (default: the base it was trained on),
-    refusing a base whose shapes do not fit the adapter."""
-    from peft import PeftConfig, PeftModel
-
-    from lctool.io.hf import load_causal_lm
-
-    check(os.path.isfile(os.path.join(adapter_path, "adapter_config.json")), f"no adapter_config.json in {adapter_path}")
-    config = PeftConfig.from_pretrained(adapter_path)
-    base_path = base_path or config.base_model_name_or_path
-    check(bool(base_path) and os.path.isdir(base_path), f"the adapter's base model {base_path!r} is not a folder")
-    check_adapter_fits(adapter_path, Checkpoint(base_path))
-    base = load_causal_lm(base_path, dtype=dtype)
-    return PeftModel.from_pretrained(base, adapter_path).eval()
-
-
-def check_adapter_fits(adapter_path: str, base: Checkpoint) -> None:
-    """Refuse an adapter made for another base: different family, shapes, or (via lctool.json) weights."""
-    from safetensors import safe_open
-
-    from lctool.io.manifest import describe_input
-
-    manifest_path = os.path.join(adapter_path, "lctool.json")
-    if os.path.exists(manifest_path):
-        with open(manifest_path, encoding="utf-8") as f:
-            inputs = json.load(f).get("inputs") or []
-        trained_on = inputs[0].get("shards") if inputs else None
-        if trained_on and trained_on != describe_input(base)["shards"]:
-            raise LctoolError(f"the adapter {adapter_path} was trained on a different base than {base.path}")
-    weights = os.path.join(adapter_path, "adapter_model.safetensors")
-    check(os.path.isfile(weights), f"no adapter_model.safetensors in {adapter_path}")
-    arch = base.arch
-    with safe_open(weights, framework="pt") as f:
-        for name in f.keys():
-            _check_lora_shape(arch, name, f.get_slice(name).get_shape())
-
-
-def _check_lora_shape(arch, name: str, shape: list[int]) -> None:
-    """lora_A is [r, in_features] and lora_B [out_features, r] of the base module they adapt."""
-    for part, side in (("lora_A", 1), ("lora_B", 0)):
-        marker = f".{part}."
-        if marker not in name:
-            continue
-        module_name = name.split(marker)[0].removeprefix("base_model.model.")
-        role = arch.classify(module_name + ".weight")
-        if role is None or role.role not in LINEAR_ROLES or role.layer >= arch.num_layers:
-            raise LctoolError(f"the adapter adapts {module_name}, which the base model does not have")
-        out_features, in_features = arch.linear_shape(role.role)
-        expected = in_features if side == 1 else out_features
-        if shape[side] != expected:
-            raise LctoolError(f"the adapter was made for a different base: {module_name} has "
-                              f"{'in' if side else 'out'}_features {expected}, the adapter {shape[side]}")

@@ -124,6 +124,7 @@ def run_llm_pruner(source: str, target: str, options: LlmPrunerOptions, *, force
     arch = checkpoint.arch
     layers = selected_layers(options, arch.num_layers)
     check_feasible(arch, options, layers)
+    log(f"pruning layers {layers[0]}-{layers[-1]} of 0-{arch.num_layers - 1}")
     recovering = options.recovery.steps > 0
     tokenizer = None
     if recovering or options.needs_gradients:

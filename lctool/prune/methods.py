@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 
 from lctool.errors import LctoolError
+from lctool.prune.evopress.options import EvoPressPruneOptions
 from lctool.prune.llm_pruner import run_llm_pruner
 from lctool.prune.options import LlmPrunerOptions
 
@@ -24,10 +25,20 @@ class PruneMethod:
     summary: str
 
 
+def _run_evopress(source: str, target: str, options: EvoPressPruneOptions, **kwargs) -> dict:
+    from lctool.prune.evopress import run_evopress_prune
+
+    return run_evopress_prune(source, target, options, **kwargs)
+
+
 PRUNE_METHODS: dict[str, PruneMethod] = {
     "llm-pruner": PruneMethod(
         "llm-pruner", LlmPrunerOptions, run_llm_pruner,
         "structured: attention heads and MLP channels by Taylor/second-order/magnitude importance, LoRA recovery",
+    ),
+    "evopress": PruneMethod(
+        "evopress", EvoPressPruneOptions, _run_evopress,
+        "evolutionary search of per-layer levels: dropped attention/MLP blocks or layers, unstructured sparsity",
     ),
 }
 
@@ -56,4 +67,8 @@ def prune(source: str, target: str, options: BaseModel | dict, *, method: str = 
         options = options_for(chosen, options)
     elif not isinstance(options, chosen.options_class):
         raise LctoolError(f"--method {method} takes {chosen.options_class.__name__}, not {type(options).__name__}")
+    from lctool.io import Checkpoint
+    from lctool.io.hf import check_buildable
+
+    check_buildable(Checkpoint(source, check_shapes=False).config)
     return chosen.run(source, target, options, force=force, log=log)

@@ -38,7 +38,8 @@ class LlmPrunerOptions(BaseModel):
     importance: Literal[IMPORTANCE_KINDS] = "taylor-vector"  # type: ignore[valid-type]
     ranking: Literal["per-layer", "global"] = "per-layer"
     scope: Literal["all", "attn", "mlp"] = "all"
-    layers: str | None = Field(None, description="inclusive layer range like 1-2 or 4-30 (default: every layer)")
+    layers: str | None = Field(None, description="inclusive layer range like 1-2 or 4-30, or 'all' "
+                                                "(default: every layer but the first and the last, see default_layers)")
     uniform: bool = False
     gqa_unit: Literal["query-heads", "kv-groups"] = "query-heads"
     keep_heads_multiple: int = Field(1, ge=1)
@@ -55,7 +56,7 @@ class LlmPrunerOptions(BaseModel):
             parse_layer_range(self.layers)
         if self.uniform and self.ranking == "global":
             raise LctoolError("--uniform keeps every layer alike, which global ranking does not: use --ranking per-layer")
-        if self.uniform and self.layers is not None:
+        if self.uniform and self.layers is not None and self.layers.strip() != "all":
             raise LctoolError("--uniform prunes every layer alike: it cannot be combined with --layers")
         return self
 
@@ -64,11 +65,13 @@ class LlmPrunerOptions(BaseModel):
         return self.importance in GRADIENT_KINDS
 
 
-def parse_layer_range(text: str) -> tuple[int, int]:
-    """'4-30' -> (4, 30) inclusive; '3' -> (3, 3)."""
+def parse_layer_range(text: str) -> tuple[int, int] | None:
+    """'4-30' -> (4, 30) inclusive; '3' -> (3, 3); 'all' -> None (every layer)."""
+    if text.strip() == "all":
+        return None
     match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*", text)
     if not match:
-        raise LctoolError(f"--layers {text!r}: write an inclusive range like 4-30, or one layer like 3")
+        raise LctoolError(f"--layers {text!r}: write an inclusive range like 4-30, one layer like 3, or all")
     first = int(match.group(1))
     last = int(match.group(2)) if match.group(2) is not None else first
     if last < first:
@@ -76,10 +79,28 @@ def parse_layer_range(text: str) -> tuple[int, int]:
     return first, last
 
 
-def selected_layers(options: LlmPrunerOptions, num_layers: int) -> list[int]:
-    if options.layers is None:
+def default_layers(num_layers: int) -> list[int]:
+    """Every layer but the first and the last, which stay dense; every layer of a model with fewer than 3.
+
+    The paper prunes layers 4-29 of LLaMA-7B's 32 (its first 4 and last 2 stay dense): removing
+    structures from the first and last layers costs far more than their importance scores predict.
+    Measured on the quick testbed (4 layers): keeping 2 of layer 0's 8 heads costs 0.8 to 2.0 nats
+    of eval loss depending on which 2, against under 0.05 in every other layer, and no
+    single-structure score (Taylor or magnitude) ranks that joint removal reliably.
+    """
+    if num_layers < 3:
         return list(range(num_layers))
-    first, last = parse_layer_range(options.layers)
+    return list(range(1, num_layers - 1))
+
+
+def selected_layers(options: LlmPrunerOptions, num_layers: int) -> list[int]:
+    """The layers to prune: --layers, or every layer with --uniform, or `default_layers`."""
+    if options.layers is None:
+        return list(range(num_layers)) if options.uniform else default_layers(num_layers)
+    bounds = parse_layer_range(options.layers)
+    if bounds is None:
+        return list(range(num_layers))
+    first, last = bounds
     if last >= num_layers:
         raise LctoolError(f"--layers {options.layers}: the model has layers 0-{num_layers - 1}")
     return list(range(first, last + 1))

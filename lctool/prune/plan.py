@@ -1,12 +1,15 @@
 """From importance scores to what every layer keeps: per-layer or global ranking under a parameter budget.
 
 `--ratio r` removes r x (all parameters of the model, embeddings included) from the decoder layers in
-`--layers`. Per-layer ranking removes the same fraction f of every selected layer's prunable
-parameters: round(f x units) attention units first (heads are coarse), then as many MLP channels as
-bring the layer's removal to f of its prunable parameters. Global ranking removes the structures
-with the least importance per parameter across all selected layers until the budget is met, always
-leaving every layer at least one attention unit and one channel. `--keep-heads-multiple` and
-`--channel-multiple` then round each layer's kept counts to the nearest allowed value.
+`--layers` (by default every layer but the first and the last, see `options.default_layers`).
+Per-layer ranking removes the same fraction f of every selected layer's prunable parameters:
+round(f x units) attention units first (heads are coarse), then as many MLP channels as bring the
+layer's removal to f of its prunable parameters. Global ranking removes the structures with the
+least importance per parameter across all selected layers until the budget is met, always leaving
+every layer at least one attention unit and one channel; it suits Taylor and second-order
+importance, which estimate a loss change and so compare across layers (magnitudes and random do
+not). `--keep-heads-multiple` and `--channel-multiple` then round each layer's kept counts to the
+nearest allowed value.
 """
 
 from __future__ import annotations
@@ -93,7 +96,7 @@ def _per_layer_counts(counts: list[_LayerCounts], target: int, options: LlmPrune
     capacity = sum(_capacity(c, options.scope, options.gqa_unit) for c in counts)
     fraction = target / capacity if capacity else 1.0
     if fraction >= 1:
-        raise LctoolError(_unreachable(options, target, capacity))
+        raise LctoolError(_unreachable(options, target, capacity, counts))
     for c in counts:
         unit_count = len(c.units.scores)
         if options.scope in ("all", "attn"):
@@ -140,16 +143,20 @@ def _global_counts(counts: list[_LayerCounts], target: int, options: LlmPrunerOp
             removed += params
     if removed < target:
         capacity = sum(_capacity(c, options.scope, options.gqa_unit) for c in counts)
-        raise LctoolError(_unreachable(options, target, capacity))
+        raise LctoolError(_unreachable(options, target, capacity, counts))
     for c in counts:
         c.keep_units = _round_heads(c, options.keep_heads_multiple)
         c.keep_channels = _round_channels(c, options.channel_multiple)
 
 
-def _unreachable(options: LlmPrunerOptions, target: int, capacity: int) -> str:
-    where = f"layers {options.layers}" if options.layers else "every layer"
+def _unreachable(options: LlmPrunerOptions, target: int, capacity: int, counts: list[_LayerCounts]) -> str:
+    first, last = counts[0].shape.layer, counts[-1].shape.layer
+    where = f"layer {first}" if first == last else f"layers {first}-{last}"
+    hint = ""
+    if options.layers is None and first > 0:  # the default range left layers out
+        hint = " (the default keeps the first and last layers dense; --layers all prunes every layer)"
     return (f"--ratio {options.ratio} asks to remove {target:,} parameters, but pruning {where} "
-            f"(--scope {options.scope}) can remove fewer than {capacity:,}; lower --ratio or widen --layers")
+            f"(--scope {options.scope}) can remove fewer than {capacity:,}; lower --ratio or widen --layers{hint}")
 
 
 def _round_heads(c: _LayerCounts, multiple: int, hidden_rule: int | None = None) -> int:

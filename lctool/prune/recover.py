@@ -11,9 +11,10 @@ import time
 
 import torch
 
-from lctool.arch import LINEAR_ROLES, ModelArch
+from lctool.arch import ModelArch
 from lctool.errors import LctoolError
 from lctool.prune.options import RecoveryOptions
+from lctool.train import ShuffledWindows, TrainConfig, lora, train
 
 # Characters of training text tokenized per token the run will consume: enough that no window repeats
 # for any tokenizer of at most this many characters per token, without tokenizing a whole corpus.
@@ -33,20 +34,9 @@ def training_windows(tokenizer, source: str, seq_len: int, tokens_needed: int) -
 def recover(model: torch.nn.Module, arch: ModelArch, tokenizer, options: RecoveryOptions,
             progress: bool = True) -> tuple[torch.nn.Module, dict]:
     """Train LoRA adapters on the pruned model, merge them, and return (merged model, run summary)."""
-    from peft import LoraConfig, get_peft_model
-
-    from lctool.train import ShuffledWindows, TrainConfig, train
-
     needed = options.steps * options.batch_size * options.seq_len
     windows = training_windows(tokenizer, options.data, options.seq_len, needed)
-    lora = LoraConfig(
-        r=options.rank,
-        lora_alpha=options.alpha or 2 * options.rank,
-        target_modules=arch.module_names_for_roles(list(LINEAR_ROLES)),
-        lora_dropout=0.0,
-        bias="none",
-    )
-    peft_model = get_peft_model(model, lora)
+    peft_model = lora.attach(model, lora.peft_config(arch, lora.LoraSpec(rank=options.rank, alpha=options.alpha)))
     config = TrainConfig(
         steps=options.steps, lr=options.lr, warmup_steps=min(options.warmup_steps, options.steps),
         batch_size=options.batch_size, seed=options.seed, progress=progress, description="recovering",
@@ -54,7 +44,7 @@ def recover(model: torch.nn.Module, arch: ModelArch, tokenizer, options: Recover
     batches = ShuffledWindows({"input_ids": windows}, batch_size=options.batch_size, seed=options.seed)
     cpu_started = time.process_time()
     result = train(peft_model, batches, config)
-    merged = peft_model.merge_and_unload()
+    merged = lora.merge(peft_model)
     merged.eval()
     summary = result.summary()
     summary.pop("evals", None)

@@ -75,6 +75,9 @@ def quantize(source: str, target: str, options: QuantizeOptions, *, force: bool 
     """Quantize `source` into `target`; returns the summary also recorded in the manifest."""
     checkpoint = Checkpoint(source)
     roles = validate(checkpoint, options)
+    from lctool.io.hf import check_buildable
+
+    check_buildable(checkpoint.config)
     if options.method in ("nf4", "int8"):
         from lctool.quant.bnb import quantize_bnb
 

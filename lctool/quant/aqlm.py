@@ -129,22 +129,51 @@ def initialize(weight: torch.Tensor, h: torch.Tensor, s: AqlmSettings, generator
     return codes, torch.stack(codebooks)[:, :, None, :], scales.reshape(rows, 1, 1, 1)
 
 
-def beam_search(target: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor,
-                beam_size: int) -> torch.Tensor:
+def beam_search(target: torch.Tensor, h: torch.Tensor | None, codes: torch.Tensor, codebooks: torch.Tensor,
+                beam_size: int, mask: torch.Tensor | None = None) -> torch.Tensor:
     """New codes [O, I/g, M] minimising Σ_o (t_o − v_o)ᵀ H (t_o − v_o), v_o the decoded (unscaled) row.
 
     Every row keeps `beam_size` hypotheses. One (group, codebook) slot at a time, each hypothesis
     tries all 2^B codewords in that slot: with e = t − v the change of the error is
     −2 Δᵀ(He)_j + Δᵀ H_jj Δ for Δ = c_new − c_old, so only H e is carried. The current codes are
     the starting hypothesis and are always among the candidates, so the error never increases.
+
+    `h` None means H = I (plain squared error): the groups are then independent, and each is
+    searched on its own. `mask` [O, I/g] bool limits the search to the groups marked True; the
+    codes of the other groups come back unchanged (PV-Tuning's subspace V step).
     """
+    if h is None:
+        return _groupwise_search(target, codes, codebooks, beam_size, mask)
     chunk = max(1, SCORE_BUDGET // (beam_size * codebooks.shape[1]))
-    parts = [_beam_rows(target[i : i + chunk], h, codes[i : i + chunk], codebooks, beam_size)
-             for i in range(0, target.shape[0], chunk)]
+    parts = []
+    for i in range(0, target.shape[0], chunk):
+        rows = slice(i, i + chunk)
+        if mask is not None and not mask[rows].any():
+            parts.append(codes[rows].clone())
+            continue
+        parts.append(_beam_rows(target[rows], h, codes[rows], codebooks, beam_size,
+                                None if mask is None else mask[rows]))
     return torch.cat(parts)
 
 
-def _beam_rows(target, h, codes, codebooks, beam_size):
+def _groupwise_search(target, codes, codebooks, beam_size, mask):
+    """beam_search with H = I: every (selected) group is a one-group row of its own."""
+    rows, groups, num_codebooks = codes.shape
+    g = codebooks.shape[-1]
+    selected = torch.ones(rows, groups, dtype=torch.bool) if mask is None else mask
+    flat_target = target.reshape(rows, groups, g)[selected]  # [N, g]
+    flat_codes = codes[selected][:, None, :]  # [N, 1, M]
+    identity = torch.eye(g, dtype=target.dtype)
+    chunk = max(1, SCORE_BUDGET // (beam_size * codebooks.shape[1]))
+    found = [_beam_rows(flat_target[i : i + chunk], identity, flat_codes[i : i + chunk], codebooks, beam_size)
+             for i in range(0, flat_target.shape[0], chunk)]
+    out = codes.clone()
+    if found:
+        out[selected] = torch.cat(found)[:, 0, :].to(out.dtype)
+    return out
+
+
+def _beam_rows(target, h, codes, codebooks, beam_size, mask=None):
     rows, groups, num_codebooks = codes.shape
     g = codebooks.shape[-1]
     words = codebooks[:, :, 0, :]  # [M, K, g]
@@ -154,6 +183,9 @@ def _beam_rows(target, h, codes, codebooks, beam_size):
     h_error = error @ h  # [O, b, I]
     loss = (error * h_error).sum(-1)  # [O, b]
     for j in range(groups):
+        frozen = None if mask is None else ~mask[:, j]  # [O]: rows whose group j must keep its codes
+        if frozen is not None and frozen.all():
+            continue
         cols = slice(j * g, (j + 1) * g)
         h_jj = h[cols, cols]
         for m in range(num_codebooks):
@@ -168,6 +200,10 @@ def _beam_rows(target, h, codes, codebooks, beam_size):
             old_quad = (old_h * old).sum(-1, keepdim=True)
             # Δᵀ H Δ − 2Δᵀ He with Δ = c_new − c_old
             change = quad_new - 2 * cross + old_quad - 2 * (linear - old_linear)
+            if frozen is not None and frozen.any():
+                # A frozen row's only candidate per hypothesis is its own current word, at no change.
+                keep = torch.full_like(change, float("inf")).scatter_(2, codes[:, :, j, m, None], 0.0)
+                change = torch.where(frozen[:, None, None], keep, change)
             candidates = (loss[:, :, None] + change).reshape(rows, -1)  # [O, b*K]
             width = min(beam_size, candidates.shape[1])
             best, pick = candidates.topk(width, dim=1, largest=False)

@@ -66,6 +66,23 @@ def gptq_dequantize(tensors: dict[str, torch.Tensor], bits: int, in_features: in
     return scales.T[:, g_idx] * (codes.float() - zeros.T[:, g_idx].float())
 
 
+def gptq_module_bits(qconfig: dict, module: str) -> int:
+    """A module's bitwidth: the first GPTQModel `dynamic` override whose pattern matches it, else `bits`.
+
+    `dynamic` maps "+:<regex>" (or a bare regex) to overrides such as {"bits": 2}, matched with
+    re.match against the module path, in order, as GPTQModel does (lctool writes it for mixed-bit
+    EvoPress results; "-:" patterns, which leave modules unquantized, are not lctool's to write).
+    """
+    import re
+
+    for pattern, overrides in (qconfig.get("dynamic") or {}).items():
+        if pattern.startswith("-:"):
+            continue
+        if re.match(pattern[2:] if pattern.startswith("+:") else pattern, module):
+            return int(overrides.get("bits", qconfig["bits"]))
+    return int(qconfig["bits"])
+
+
 def gptq_quantization_config(bits: int, group_size: int, sym: bool, act_order: bool, damp: float,
                              modules_not_quantized: list[str]) -> dict:
     config = {

@@ -108,7 +108,7 @@ def _reference_module(checkpoint, method, qconfig, module_name, linear, dtype):
     out_f, in_f = linear.out_features, linear.in_features
     if method == "gptq":
         replacement = nn.Linear(in_f, out_f, bias=bias is not None, dtype=dtype)
-        weight = formats.gptq_dequantize(stored, qconfig["bits"], in_f, out_f)
+        weight = formats.gptq_dequantize(stored, formats.gptq_module_bits(qconfig, module_name), in_f, out_f)
         replacement.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
         if bias is not None:
             replacement.bias = nn.Parameter(bias.to(dtype), requires_grad=False)

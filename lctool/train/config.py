@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -42,6 +42,9 @@ class TrainConfig(BaseModel):
     eval_fn: Callable | None = Field(None, exclude=True, description="eval_fn(model) -> dict or float")
     loss_fn: Callable | None = Field(None, exclude=True, description="loss_fn(model, batch) -> scalar loss")
     before_step: Callable | None = Field(None, exclude=True, description="before_step(step, model, batch) -> batch")
+    after_step: Callable | None = Field(None, exclude=True, description="after_step(step, model) after each optimizer step")
+    extra_state: Any = Field(None, exclude=True, description="state_dict()/load_state_dict() of tensors the run "
+                                                             "changes outside the trainable parameters (checkpointed)")
     progress: bool = True
     description: str = "train"
 

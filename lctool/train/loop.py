@@ -142,7 +142,7 @@ def _count_tokens(batch: dict) -> int:
 
 
 def train(model: torch.nn.Module, batches, config: TrainConfig, *, loss_fn=None, before_step=None, eval_fn=None,
-          tag: dict | None = None) -> TrainResult:
+          tag: dict | None = None, after_step=None, extra_state=None) -> TrainResult:
     """Train `model`'s parameters that require grad for `config.steps` optimizer steps.
 
     Hooks (keyword arguments win over the same fields of `config`):
@@ -151,6 +151,10 @@ def train(model: torch.nn.Module, batches, config: TrainConfig, *, loss_fn=None,
       before_step(step, model, batch) -> batch; called per micro-batch with the 0-based optimizer step
         and the unwrapped model (e.g. to sample a RoPE scale and shift positions).
       eval_fn(model) -> dict | float; every `eval_every` steps on the main process, in eval mode, no grad.
+      after_step(step, model): after each optimizer step (every process, the unwrapped model), e.g. to
+        update state no optimizer reaches, such as PV-Tuning's discrete codes.
+    `extra_state` (an object with state_dict() -> {name: tensor} and load_state_dict(dict)) holds what
+    training changes outside the trainable parameters; it is saved with checkpoints and restored on resume.
     `tag` is stored with checkpoints and must match on resume (e.g. which base model was trained).
     The model is left in eval mode; with `TrainingInterrupted` (SIGINT/SIGTERM) after saving a checkpoint.
     """
@@ -159,6 +163,8 @@ def train(model: torch.nn.Module, batches, config: TrainConfig, *, loss_fn=None,
 
     loss_fn = loss_fn or config.loss_fn or causal_lm_loss
     before_step = before_step or config.before_step
+    after_step = after_step or config.after_step
+    extra_state = extra_state if extra_state is not None else config.extra_state
     eval_fn = eval_fn or config.eval_fn
     tag = dict(tag or {})
     if config.eval_every and eval_fn is None:
@@ -184,7 +190,7 @@ def train(model: torch.nn.Module, batches, config: TrainConfig, *, loss_fn=None,
     options = config.model_dump(mode="json")
     result = TrainResult(trainable_parameters=sum(p.numel() for _, p in named_trainable),
                          num_processes=accelerator.num_processes)
-    start_step = _restore(accelerator, config, unwrapped, optimizer, scheduler, options, tag, result)
+    start_step = _restore(accelerator, config, unwrapped, optimizer, scheduler, options, tag, result, extra_state)
     result.start_step = result.steps = start_step
 
     stream = process_stream(batches, config.batch_size, accelerator.process_index, accelerator.num_processes,
@@ -202,7 +208,8 @@ def train(model: torch.nn.Module, batches, config: TrainConfig, *, loss_fn=None,
 
     def save(step: int) -> None:
         result.checkpoint = ckpt.save_checkpoint(accelerator, config.checkpoint_dir, step, unwrapped, optimizer,
-                                                 scheduler, checkpoint_state(), config.keep_checkpoints)
+                                                 scheduler, checkpoint_state(), config.keep_checkpoints,
+                                                 extra=extra_state.state_dict() if extra_state is not None else None)
 
     try:
         with StopSignals() as signals, (bar or contextlib.nullcontext()):
@@ -218,6 +225,8 @@ def train(model: torch.nn.Module, batches, config: TrainConfig, *, loss_fn=None,
                 learning_rate = scheduler.get_last_lr()[0]
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                if after_step is not None:
+                    after_step(step, unwrapped)
 
                 step_loss, stop = _agree(accelerator, step_loss, signals.requested)
                 if not math.isfinite(step_loss):
@@ -276,7 +285,7 @@ def _training_mode(model, grad_checkpointing: bool):
     return restore
 
 
-def _restore(accelerator, config, unwrapped, optimizer, scheduler, options, tag, result) -> int:
+def _restore(accelerator, config, unwrapped, optimizer, scheduler, options, tag, result, extra_state=None) -> int:
     if not (config.resume and config.checkpoint_dir):
         return 0
     folder = ckpt.latest_checkpoint(config.checkpoint_dir)
@@ -289,6 +298,8 @@ def _restore(accelerator, config, unwrapped, optimizer, scheduler, options, tag,
         raise LctoolError(f"cannot resume: the run used {saved.get('num_processes')} processes, this one "
                           f"{accelerator.num_processes}")
     saved = ckpt.load_checkpoint(accelerator, folder, unwrapped, optimizer, scheduler)
+    if extra_state is not None:
+        extra_state.load_state_dict(ckpt.load_extra(folder))
     result.losses = list(saved["losses"])
     result.learning_rates = list(saved["learning_rates"])
     result.evals = list(saved["evals"])

@@ -6,6 +6,7 @@ Layout of `checkpoint_dir`:
     step-00000010/optimizer.json          param groups and non-tensor optimizer state
     step-00000010/state.json              step, scheduler, loss history, run options, tag
     step-00000010/rng-<rank>.json         python/numpy/torch RNG states of each process
+    step-00000010/extra.safetensors       the caller's extra state (train's `extra_state`), if any
     latest.json                           {"step": 10, "folder": "step-00000010"}
 A step folder is written under a temporary name and renamed when complete, then `latest.json` is
 replaced atomically, so a kill at any moment leaves the previous checkpoint usable. No pickles:
@@ -99,7 +100,7 @@ def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(accelerator, checkpoint_dir: str, step: int, model, optimizer, scheduler, state: dict,
-                    keep: int) -> str:
+                    keep: int, extra: dict[str, torch.Tensor] | None = None) -> str:
     """Write step `step` atomically (every process calls this; the main one writes the shared files)."""
     final = os.path.join(checkpoint_dir, step_folder(step))
     tmp = os.path.join(checkpoint_dir, f".{step_folder(step)}.tmp")
@@ -115,6 +116,9 @@ def save_checkpoint(accelerator, checkpoint_dir: str, step: int, model, optimize
         optimizer_tensors, optimizer_rest = split_optimizer_state(optimizer.state_dict())
         save_file(optimizer_tensors, os.path.join(tmp, "optimizer.safetensors"), metadata={"format": "pt"})
         _write_json(os.path.join(tmp, "optimizer.json"), optimizer_rest)
+        if extra is not None:
+            tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in extra.items()}
+            save_file(tensors, os.path.join(tmp, "extra.safetensors"), metadata={"format": "pt"})
         _write_json(os.path.join(tmp, "state.json"), {**state, "step": step, "scheduler": scheduler.state_dict()})
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
@@ -152,6 +156,13 @@ def check_resumable(saved: dict, options: dict, tag: dict) -> None:
     if json.dumps(saved.get("tag", {}), sort_keys=True) != json.dumps(tag, sort_keys=True):
         different = sorted(k for k in set(saved.get("tag", {})) | set(tag) if saved.get("tag", {}).get(k) != tag.get(k))
         raise LctoolError(f"cannot resume: the checkpoint was made for a different run ({', '.join(different)} differ)")
+
+
+def load_extra(folder: str) -> dict[str, torch.Tensor]:
+    path = os.path.join(folder, "extra.safetensors")
+    if not os.path.isfile(path):
+        raise LctoolError(f"cannot resume: {folder} holds no extra state (written by a different kind of run)")
+    return load_file(path)
 
 
 def load_checkpoint(accelerator, folder: str, model, optimizer, scheduler) -> dict:

@@ -17,13 +17,11 @@ import torch
 
 from lctool.ops.clex import modeling_clex
 from lctool.ops.extend.finetune import (
-    attach_lora,
-    is_main_process,
     load_unscaled_model,
+    process_rank,
     run_training,
     training_windows,
     unscaled_config,
-    wait_for_everyone,
     write_trained,
 )
 from lctool.ops.extend.options import ExtendOptions
@@ -55,12 +53,6 @@ def clex_config(config: dict, original: OriginalRope, lengths: Lengths, settings
     out["clex"] = settings
     out["max_position_embeddings"] = lengths.target
     return out
-
-
-def _process_rank() -> int:
-    # From the launcher's environment: touching accelerate's PartialState before the training loop
-    # creates its Accelerator would fix a single-process state under torchrun on CPU-only machines.
-    return int(os.environ.get("RANK", "0"))
 
 
 @dataclass
@@ -120,20 +112,15 @@ def train_clex(plan, target: str, options: ExtendOptions, force: bool) -> str:
     training = options.training
     windows = training_windows(load_tokenizer(checkpoint.path), training.corpus, lengths.original,
                                training.steps * training.batch_size * training.grad_accum)
-    trainable = model
-    if training.lora_rank:
-        trainable = attach_lora(model, checkpoint.arch, training)
-        for rotary in rotaries:
-            rotary.dynamics.requires_grad_(True)
-    hook = ClexAugmentation(rotaries, lengths.original, t_max, seed=training.seed, rank=_process_rank(),
+    hook = ClexAugmentation(rotaries, lengths.original, t_max, seed=training.seed, rank=process_rank(),
                             sample_positions=options.clex_sample_positions)
     try:
-        summary = run_training(trainable, windows, options, hook, "clex",
-                               tag={"method": "clex", "input": checkpoint.path, "t_max": t_max})
+        model, summary = run_training(model, checkpoint.arch, windows, options, hook, "clex",
+                                      tag={"method": "clex", "input": checkpoint.path, "t_max": t_max},
+                                      also_train=[rotary.dynamics for rotary in rotaries])
     finally:
         for rotary in rotaries:
             rotary.time_override = None
-    model = trainable.merge_and_unload() if training.lora_rank else trainable
     times: dict[int, int] = {}
     for _, t in hook.history:
         times[t] = times.get(t, 0) + 1
@@ -141,8 +128,6 @@ def train_clex(plan, target: str, options: ExtendOptions, force: bool) -> str:
                    ode_parameters=sum(p.numel() for r in rotaries for p in r.dynamics.parameters()))
     config = clex_config(checkpoint.config, original, lengths, settings)
     results = {**extension_record(original, lengths, "clex"), "training": summary}
-    if is_main_process():
-        write_trained(model, checkpoint, target, config, options, force, results,
-                      extra_files={"modeling_clex.py": os.path.abspath(modeling_clex.__file__)})
-    wait_for_everyone()
+    write_trained(model, checkpoint, target, config, options, force, results,
+                  extra_files={"modeling_clex.py": os.path.abspath(modeling_clex.__file__)})
     return target

@@ -63,6 +63,10 @@ def extend(source: str, target: str, options: ExtendOptions, force: bool = False
     if os.path.lexists(target) and not force:  # fail before a training run, not after
         raise LctoolError(f"{os.path.abspath(target)} already exists (pass --force to replace it)")
     check(search is None or not options.trained, "--search applies to the training-free methods only")
+    if options.trained or search is not None:
+        from lctool.io.hf import check_buildable
+
+        check_buildable(plan.checkpoint.config)
     if options.method == "e2llm":
         from lctool.ops.extend.e2llm import train_e2llm
 

@@ -16,30 +16,21 @@ Choices the paper leaves open, and how lctool fixes them:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 
 from lctool.ops.extend.finetune import (
-    attach_lora,
-    is_main_process,
     load_unscaled_model,
+    process_rank,
     run_training,
     training_windows,
-    wait_for_everyone,
     write_trained,
 )
 from lctool.ops.extend.options import ExtendOptions
 from lctool.ops.extend.rotary import RotaryOverride
 from lctool.ops.extend.scaling import Lengths, rotary_dim
 from lctool.ops.extend.training_free import extended_config, extension_record
-
-
-def _process_rank() -> int:
-    # From the launcher's environment: touching accelerate's PartialState before the training loop
-    # creates its Accelerator would fix a single-process state under torchrun on CPU-only machines.
-    return int(os.environ.get("RANK", "0"))
 
 
 @dataclass
@@ -93,12 +84,10 @@ def train_e2llm(plan, target: str, options: ExtendOptions, force: bool) -> str:
     training = options.training
     windows = training_windows(tokenizer, training.corpus, lengths.original,
                                training.steps * training.batch_size * training.grad_accum)
-    trainable = attach_lora(model, checkpoint.arch, training) if training.lora_rank else model
-    with RotaryOverride(trainable) as rotary:
-        hook = E2Augmentation(rotary, lengths.original, g_max, seed=training.seed, rank=_process_rank())
-        summary = run_training(trainable, windows, options, hook, "e2llm",
-                               tag={"method": "e2llm", "input": checkpoint.path, "g_max": g_max})
-    model = trainable.merge_and_unload() if training.lora_rank else trainable
+    with RotaryOverride(model) as rotary:
+        hook = E2Augmentation(rotary, lengths.original, g_max, seed=training.seed, rank=process_rank())
+        model, summary = run_training(model, checkpoint.arch, windows, options, hook, "e2llm",
+                                      tag={"method": "e2llm", "input": checkpoint.path, "g_max": g_max})
     summary.update(g_max=g_max, sampled_scales=scale_histogram(hook.history))
     return _write(model, plan, target, options, force, summary)
 
@@ -116,7 +105,5 @@ def _write(model, plan, target: str, options: ExtendOptions, force: bool, summar
     config.pop("auto_map", None)
     config.pop("clex", None)
     results = {**extension_record(original, written, "e2llm"), "training": summary}
-    if is_main_process():
-        write_trained(model, checkpoint, target, config, options, force, results)
-    wait_for_everyone()
+    write_trained(model, checkpoint, target, config, options, force, results)
     return target

@@ -13,6 +13,7 @@ from lctool.io import Checkpoint, CheckpointWriter
 from lctool.io.hf import model_state_tensors
 from lctool.ops.extend.options import ExtendOptions, TrainingOptions
 from lctool.ops.extend.scaling import OriginalRope
+from lctool.train import ShuffledWindows, TrainConfig, lora, train
 
 
 def unscaled_config(config: dict, original: OriginalRope) -> dict:
@@ -51,24 +52,7 @@ def training_windows(tokenizer, source: str, length: int, needed: int) -> torch.
     return windows
 
 
-def attach_lora(model, arch, training: TrainingOptions):
-    """LoRA on the attention projections (tensor names from the architecture map)."""
-    from peft import LoraConfig, get_peft_model
-
-    roles = arch.linear_roles("attn")
-    config = LoraConfig(
-        r=training.lora_rank,
-        lora_alpha=training.lora_alpha or 2 * training.lora_rank,
-        target_modules=arch.module_names_for_roles(roles),
-        lora_dropout=0.0,
-        bias="none",
-    )
-    return get_peft_model(model, config)
-
-
 def train_config(training: TrainingOptions, description: str, extra_groups: bool = False):
-    from lctool.train import TrainConfig
-
     return TrainConfig(
         steps=training.steps, lr=training.lr, warmup_steps=min(training.warmup_steps, training.steps),
         batch_size=training.batch_size, grad_accum=training.grad_accum, weight_decay=training.weight_decay,
@@ -78,26 +62,41 @@ def train_config(training: TrainingOptions, description: str, extra_groups: bool
     )
 
 
-def run_training(model, windows: torch.Tensor, options: ExtendOptions, before_step, description: str, tag: dict,
-                 loss_fn=None) -> dict:
-    """Train on the shared loop; returns the run's summary for the manifest."""
-    from lctool.train import ShuffledWindows, train
-
+def run_training(model, arch, windows: torch.Tensor, options: ExtendOptions, before_step, description: str,
+                 tag: dict, loss_fn=None, also_train: list[torch.nn.Module] | None = None):
+    """Train on the shared loop, with `lora_rank` a LoRA adapter on the attention projections (then merged),
+    else every weight; `also_train` modules are trained whole beside the adapter. Returns the trained
+    model and the run's summary for the manifest."""
     training = options.training
+    trainable = model
+    if training.lora_rank:
+        spec = lora.LoraSpec(rank=training.lora_rank, alpha=training.lora_alpha, roles="attn")
+        trainable = lora.attach(model, lora.peft_config(arch, spec))
+        for module in also_train or []:
+            module.requires_grad_(True)  # peft froze everything but the adapter
     batches = ShuffledWindows({"input_ids": windows}, batch_size=training.batch_size, seed=training.seed)
     cpu_started = time.process_time()
-    result = train(model, batches, train_config(training, description), before_step=before_step, loss_fn=loss_fn,
-                   tag=tag)
+    result = train(trainable, batches, train_config(training, description), before_step=before_step,
+                   loss_fn=loss_fn, tag=tag)
     summary = result.summary()
     summary.pop("evals", None)
     summary["cpu_minutes"] = round((time.process_time() - cpu_started) / 60, 2)
     summary["lora_rank"] = training.lora_rank
-    return summary
+    return (lora.merge(trainable) if training.lora_rank else trainable), summary
 
 
 def write_trained(model, checkpoint: Checkpoint, target: str, config: dict, options: ExtendOptions, force: bool,
                   results: dict, extra_files: dict[str, str] | None = None) -> str:
-    """The trained model with `config`, each tensor back in the input's dtype; extra tensors kept float32."""
+    """The trained model with `config`, each tensor back in the input's dtype; extra tensors kept float32.
+    The main process writes it; every process returns once it is written."""
+    if is_main_process():
+        _write_checkpoint(model, checkpoint, target, config, options, force, results, extra_files or {})
+    wait_for_everyone()
+    return os.path.abspath(target)
+
+
+def _write_checkpoint(model, checkpoint: Checkpoint, target: str, config: dict, options: ExtendOptions, force: bool,
+                      results: dict, extra_files: dict[str, str]) -> None:
     with CheckpointWriter(
         target,
         operation="extend",
@@ -112,10 +111,15 @@ def write_trained(model, checkpoint: Checkpoint, target: str, config: dict, opti
                 tensor = tensor.to(checkpoint.entry(name).torch_dtype)
             writer.add_tensor(name, tensor)
         writer.carry_files(checkpoint)
-        for relative, source in (extra_files or {}).items():
+        for relative, source in extra_files.items():
             writer.copy_file(source, relative)
         writer.results.update(results)
-    return os.path.abspath(target)
+
+
+def process_rank() -> int:
+    # From the launcher's environment: touching accelerate's PartialState before the training loop
+    # creates its Accelerator would fix a single-process state under torchrun on CPU-only machines.
+    return int(os.environ.get("RANK", "0"))
 
 
 def is_main_process() -> bool:

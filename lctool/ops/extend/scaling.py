@@ -61,9 +61,14 @@ def original_rope(config: dict, arch: ModelArch, manifest: dict | None) -> Origi
     rope = arch.rope
     max_positions = arch.max_positions
     previous = _previous_extend(manifest)
-    if previous and "original_theta" in previous and "original_length" in previous:
-        unscaled = RopeSettings(float(previous["original_theta"]), "default", {}, rope.partial_rotary_factor)
-        return OriginalRope(unscaled, int(previous["original_length"]), True)
+    if isinstance(previous, dict) and "original_theta" in previous and "original_length" in previous:
+        theta, length = previous["original_theta"], previous["original_length"]
+        if (isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 1
+                or isinstance(length, bool) or not isinstance(length, int) or length <= 0):
+            raise LctoolError(f"lctool.json: the previous extend recorded original_theta {theta!r} and "
+                              f"original_length {length!r}; expected a number > 1 and a positive integer")
+        unscaled = RopeSettings(float(theta), "default", {}, rope.partial_rotary_factor)
+        return OriginalRope(unscaled, length, True)
     unscaled = RopeSettings(rope.theta, "default", {}, rope.partial_rotary_factor)
     was_scaled = rope.scaled or "clex" in config
     if rope.rope_type in TYPES_WITH_ORIGINAL_LENGTH and rope.params.get("original_max_position_embeddings"):

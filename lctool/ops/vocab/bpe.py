@@ -45,10 +45,13 @@ class ByteLevelBpe:
         path = os.path.join(folder, TOKENIZER_FILE)
         if not os.path.isfile(path):
             raise LctoolError(f"no {TOKENIZER_FILE} in {folder}: vocab needs a fast byte-level BPE tokenizer")
+        from lctool.io.hf import check_tokenizer_json
+
+        check_tokenizer_json(folder)  # size cap, then types and structure as the tokenizers library reads them
         try:
             with open(path, encoding="utf-8") as f:
                 document = json.load(f)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise LctoolError(f"{TOKENIZER_FILE} is not valid JSON: {type(e).__name__}") from None
         bpe = cls.from_document(document)
         bpe.stock_splitting = stock_splitting(folder)
@@ -133,7 +136,7 @@ def stock_splitting(folder: str) -> dict | None:
     try:
         from transformers import AutoTokenizer
 
-        backend = AutoTokenizer.from_pretrained(folder).backend_tokenizer
+        backend = AutoTokenizer.from_pretrained(folder, trust_remote_code=False).backend_tokenizer
     except Exception:  # noqa: BLE001 - without transformers' view, tokenizer.json's own pipeline is the truth
         return None
     pipeline = json.loads(backend.to_str())

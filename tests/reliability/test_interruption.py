@@ -1,0 +1,111 @@
+"""SIGKILL at random moments, for every writing command: the target is then absent, or complete and
+identical to an uninterrupted run's; the inputs are byte-identical; the next run cleans what the
+killed one left and succeeds.
+
+Each kill either lands while the command writes (a temporary folder or training folder has appeared
+beside the target, plus a random few milliseconds) or at a random moment of a whole run.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import time
+
+import pytest
+
+from tests.reliability.common import (
+    SOAK,
+    SOAK_VARIANTS,
+    TMP_MARK,
+    WRITING_COMMANDS,
+    cases,
+    check_output,
+    cli,
+    inputs_digest,
+    leftovers,
+    reset,
+    spawn,
+    tree_digest,
+    wait_for,
+)
+
+KILLS = cases(1, 20)
+PROCESS_TIMEOUT = 1800  # the machine may be very busy; a hang still fails
+
+
+def _work_started(target: str) -> bool:
+    parent, name = os.path.split(target)
+    return any(e.startswith(f".{name}") and (TMP_MARK in e or e.endswith(".lctool-train")) for e in os.listdir(parent))
+
+
+def _timed_run(args: list[str]) -> float:
+    """A whole run in its own process; returns its wall time (the span kills are drawn from)."""
+    began = time.monotonic()
+    process = spawn(*args)
+    _, err = process.communicate(timeout=PROCESS_TIMEOUT)
+    assert process.returncode == 0, err[-3000:]
+    return time.monotonic() - began
+
+
+def _kill_once(args: list[str], target: str, rng: random.Random, span: float | None) -> str:
+    """Start the command, SIGKILL it at a random moment; returns when the kill landed."""
+    process = spawn(*args)
+    try:
+        if span is None or rng.random() < 0.5:
+            started = wait_for(lambda: _work_started(target) or process.poll() is not None, PROCESS_TIMEOUT, 0.005)
+            assert started
+            time.sleep(rng.uniform(0, 0.05))
+            moment = "during work"
+        else:
+            time.sleep(rng.uniform(0, span))
+            moment = "at a random moment"
+        os.killpg(process.pid, signal.SIGKILL)  # not yet reaped: the group exists even if it just ended
+        _, err = process.communicate(timeout=PROCESS_TIMEOUT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    if process.returncode != -signal.SIGKILL:
+        assert process.returncode == 0, f"exit {process.returncode} before the kill: {err[-2000:]}"
+        return "finished before the kill"
+    return moment
+
+
+@pytest.mark.parametrize("name", WRITING_COMMANDS + (SOAK_VARIANTS if SOAK else ()))
+def test_sigkill_leaves_absent_or_complete(workspace, tmp_path, tally, name):
+    rng = random.Random(None if SOAK else name)
+    target = str(tmp_path / "out")
+    before = inputs_digest(workspace.inputs(name))
+    args = [*workspace.command(name, target), "--force"]
+
+    code, _, err = cli(*args)  # the uninterrupted reference, at the same path
+    assert code == 0, err
+    reference = tree_digest(target)
+    reset(target)
+    span = _timed_run(args) if SOAK else None
+    if span is not None:
+        assert tree_digest(target) == reference  # another process, same bytes
+        reset(target)
+
+    for _ in range(KILLS):
+        moment = _kill_once(args, target, rng, span)
+        if os.path.exists(target):
+            check_output(name, target)
+            assert tree_digest(target) == reference, "a killed run left a target unlike a whole run's"
+            tally.add(f"complete ({moment})")
+        else:
+            tally.add(f"absent ({moment})")
+        assert inputs_digest(workspace.inputs(name)) == before
+        if rng.random() < 0.5 and os.path.exists(target):
+            shutil.rmtree(target)  # the next kill writes a new target rather than replacing one
+
+    code, _, err = cli(*args)  # the next run cleans up after the killed ones
+    assert code == 0, err
+    check_output(name, target)
+    assert tree_digest(target) == reference
+    assert leftovers(str(tmp_path)) == []
+    assert not os.path.exists(os.path.join(tmp_path, ".out.lctool-train"))
+    assert inputs_digest(workspace.inputs(name)) == before
