@@ -83,9 +83,13 @@ def _fill_values(arch: ModelArch) -> dict:
 
 def modeling_source(arch: ModelArch) -> str:
     """The template with this family's class and module names filled in (from the architecture map)."""
-    with open(_TEMPLATE, encoding="utf-8") as f:
+    return fill_template(_TEMPLATE, _fill_values(arch))
+
+
+def fill_template(path: str, values: dict) -> str:
+    """A modeling template's `NAME = ...  # lctool:fill` lines set to `values` (every one must be filled)."""
+    with open(path, encoding="utf-8") as f:
         text = f.read()
-    values = _fill_values(arch)
 
     def fill(match: re.Match) -> str:
         return f"{match.group(1)} = {values[match.group(1)]!r}  # filled in by lctool prune"

@@ -23,6 +23,7 @@ import torch
 
 from lctool.arch import DROPPED_SUBLAYERS_KEY, ModelArch
 from lctool.io import Checkpoint, CheckpointWriter
+from lctool.prune.surgery import fill_template
 
 MODELING_FILE = "modeling_lctool_dropped.py"
 MODELING_CLASS = "DroppedForCausalLM"
@@ -57,16 +58,7 @@ def _fill_values(arch: ModelArch) -> dict:
 
 def modeling_source(arch: ModelArch) -> str:
     """The template with this family's class and module names filled in (from the architecture map)."""
-    with open(_TEMPLATE, encoding="utf-8") as f:
-        text = f.read()
-    values = _fill_values(arch)
-
-    def fill(match: re.Match) -> str:
-        return f"{match.group(1)} = {values[match.group(1)]!r}  # filled in by lctool prune"
-
-    text, count = re.subn(r"^(\w+) = .*  # lctool:fill$", fill, text, flags=re.MULTILINE)
-    assert count == len(values), "modeling template placeholders out of step"
-    return text
+    return fill_template(_TEMPLATE, _fill_values(arch))
 
 
 def blocks_config(config: dict, kept: list[int], partial: dict[str, list[int]]) -> dict:
