@@ -102,8 +102,11 @@ def test_concurrent_writer_refused(tmp_path):
 
 
 _SLOW_WRITER = """
-import sys, time, torch
+import signal, sys, time, torch
 from lctool.io import CheckpointWriter
+# pytest-xdist workers ignore SIGTERM and children inherit that; a user's process would not.
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 with CheckpointWriter(sys.argv[1], operation="slow", max_shard_size="1MB") as w:
     w.write_config({"model_type": "llama"})
     for i in range(400):
