@@ -150,13 +150,13 @@ def measure_pair(kind: str, src: str, dst: str, args, cold: bool = False) -> dic
         ours.append(runs["lctool"])
         theirs.append(runs["safetensors"])
     median = statistics.median
+    wall_ratios = [t["wall"] / o["wall"] for o, t in zip(ours, theirs, strict=True)]
     return {
         "lctool": {key: median(r[key] for r in ours) for key in ("wall", "cpu", "peak_rss_mb")},
         "safetensors": {key: median(r[key] for r in theirs) for key in ("wall", "cpu", "peak_rss_mb")},
-        "wall_ratio": median(t["wall"] / o["wall"] for o, t in zip(ours, theirs)),
-        "cpu_ratio": median(t["cpu"] / o["cpu"] for o, t in zip(ours, theirs)),
-        "wall_ratio_range": (min(t["wall"] / o["wall"] for o, t in zip(ours, theirs)),
-                             max(t["wall"] / o["wall"] for o, t in zip(ours, theirs))),
+        "wall_ratio": median(wall_ratios),
+        "cpu_ratio": median(t["cpu"] / o["cpu"] for o, t in zip(ours, theirs, strict=True)),
+        "wall_ratio_range": (min(wall_ratios), max(wall_ratios)),
     }
 
 
@@ -224,7 +224,7 @@ def render(rows, base_rss: float, args) -> str:
                 f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f} |"
             )
     growth = ""
-    if len(rows) > 1:
+    if len(rows) > 1 and rows[-1][1] > rows[0][1]:
         (first_mb, first), (last_mb, last) = (rows[0][1] / 1e6, rows[0][2]), (rows[-1][1] / 1e6, rows[-1][2])
         span = last_mb - first_mb
         slopes = {

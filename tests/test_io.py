@@ -349,6 +349,56 @@ def test_many_live_tensors_and_writes_stay_private(tmp_path):
     assert open(os.path.join(path, "model.safetensors"), "rb").read() == before
 
 
+def test_large_tensors_mapped_to_huge_page_bounds_stay_exact_and_private(tmp_path):
+    """Ranges of 2 MiB or more are mapped out to 2 MiB boundaries (so whole huge page-cache folios
+    map at once); each tensor still holds exactly its own bytes, near the file's end too, and writes
+    reach neither the file, its neighbours nor a later read."""
+    from lctool.io import mapping
+    from lctool.io.safetensors_format import read_header
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "head": torch.randn(3, generator=generator).half(),  # leaves what follows off any page boundary
+        "big": torch.randn(1024 * 1024 + 5, generator=generator).half(),  # just over 2 MiB
+        "mid": torch.randn(7, generator=generator).half(),
+        "tail": torch.randn(1536 * 1024, generator=generator).half(),  # 3 MiB, ends at the end of the file
+    }
+    path = str(tmp_path / "big")
+    with CheckpointWriter(path, operation="t", require_config=False) as w:
+        for name, tensor in tensors.items():
+            w.add_tensor(name, tensor)
+    file = os.path.join(path, "model.safetensors")
+    header, size = read_header(file), os.path.getsize(file)
+    for name in ("big", "tail"):
+        offset, length = header.data_start + header.entries[name].start, header.entries[name].nbytes
+        first, end = mapping._mapped_span(offset, length, size)
+        assert first % mapping._HUGE == 0 and first <= offset and offset + length <= end <= -(-size // 4096) * 4096
+    offset = header.data_start + header.entries["mid"].start
+    assert mapping._mapped_span(offset, 14, size) == (offset - offset % 4096, offset + 14)
+
+    before = open(file, "rb").read()
+    reader = Checkpoint.__new__(Checkpoint)
+    reader.headers, reader._file_of = {"model.safetensors": header}, dict.fromkeys(header.entries, "model.safetensors")
+    alive = {name: reader.get(name) for name in tensors}
+    assert all(torch.equal(alive[name], tensor) for name, tensor in tensors.items())
+    for tensor in alive.values():
+        tensor.fill_(7.0)
+    assert open(file, "rb").read() == before
+    assert all(torch.equal(reader.get(name), tensor) for name, tensor in tensors.items())
+
+
+def test_file_truncated_after_opening(tmp_path):
+    """A shard cut short after the checkpoint was opened is one clear error, never a crash on access."""
+    src = save_tiny(str(tmp_path / "src"))
+    checkpoint = Checkpoint(src)
+    last = max(checkpoint.tensor_names(), key=lambda name: checkpoint.entry(name).end)
+    path = os.path.join(src, "model.safetensors")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 4)
+    with pytest.raises(LctoolError, match="truncated"):
+        checkpoint.get(last)
+
+
 def test_cli_usage_errors_exit_2_in_one_line(run_cli):
     for args in (["convert", "a", "b", "--nope"], ["no-such-command"], []):
         code, out, err = run_cli(*args)

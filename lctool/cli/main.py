@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import importlib
 import importlib.util
+import os
 import signal
 import sys
 import traceback
@@ -105,16 +106,24 @@ def _one_line(message: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message)
 
 
+_SPACE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
 def _out_of_space(error: BaseException) -> bool:
-    """A full disk or quota, or a file-size limit: the environment failed, not lctool (writers clean up)."""
-    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    """A full disk or quota, or a file-size limit: the environment failed, not lctool (writers clean up).
+    Libraries with native writers (safetensors) report it only in their message: "(os error 28)"."""
+    if isinstance(error, OSError):
+        return error.errno in _SPACE_ERRNOS
+    return any(f"(os error {number})" in str(error) for number in _SPACE_ERRNOS)
 
 
 def _failure(error: BaseException) -> tuple[str, int]:
     """The one-line message and exit code of an exception."""
     if _out_of_space(error):
-        where = f" ({error.filename})" if error.filename else ""
-        return f"out of disk space{where}: {error.strerror}; no output was written", 1
+        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+        why = error.strerror if isinstance(error, OSError) else os.strerror(
+            next(n for n in _SPACE_ERRNOS if f"(os error {n})" in str(error)))
+        return f"out of disk space{where}: {why}; no output was written", 1
     if isinstance(error, LctoolError):
         return str(error), 2
     if isinstance(error, ValidationError):

@@ -189,7 +189,7 @@ class Checkpoint:
     def get(self, name: str, dtype=None):
         """One tensor as a CPU tensor (optionally cast).
 
-        The tensor maps just its own bytes of the file copy-on-write: no copy is made until someone
+        The tensor maps its bytes of the file copy-on-write (lctool.io.mapping): no copy is made until someone
         writes to it, and the mapping goes when the tensor does, so reading a whole checkpoint tensor
         by tensor keeps memory at about one tensor. Misaligned data falls back to a plain read.
         """

@@ -322,11 +322,19 @@ def finetune(model_path: str, target: str, options: FinetuneOptions, force: bool
     )
     data = ShuffledWindows(examples, options.batch, seed=options.seed)
     eval_fn = make_eval_fn(tokenizer, held_out, seq_len, options.eval_tokens) if held_out else None
-    result = train(model, data, config, eval_fn=eval_fn, tag=run_tag(checkpoint, options, examples))
+    try:
+        result = train(model, data, config, eval_fn=eval_fn, tag=run_tag(checkpoint, options, examples))
+        summary = {"output": os.path.abspath(target), "kind": "merged" if options.merge else "adapter",
+                   "seq_len": seq_len, "examples": len(examples["input_ids"]), **result.summary()}
+        write_output(model, checkpoint, target, options, summary, config.log_path, force)
+    except Exception:
+        # A failure (a full disk, a diverged loss) keeps the folder only if it holds a checkpoint to
+        # --resume from; otherwise nothing is left behind. Interruptions are not Exceptions: they keep it.
+        from lctool.train.state import LATEST
 
-    summary = {"output": os.path.abspath(target), "kind": "merged" if options.merge else "adapter",
-               "seq_len": seq_len, "examples": len(examples["input_ids"]), **result.summary()}
-    write_output(model, checkpoint, target, options, summary, config.log_path, force)
+        if not os.path.exists(os.path.join(folder, LATEST)):
+            discard_training_folder(folder)
+        raise
     discard_training_folder(folder)
     return summary
 

@@ -86,7 +86,13 @@ def merge(model, onto: torch.nn.Module | None = None) -> torch.nn.Module:
 def save_adapter(model, folder: str, base_path: str) -> None:
     """The adapter in peft's stock layout (adapter_config.json + adapter_model.safetensors) in `folder`,
     naming `base_path` as the base it goes on."""
-    model.peft_config["default"].base_model_name_or_path = base_path
+    config = model.peft_config["default"]
+    config.base_model_name_or_path = base_path
+    for field in ("target_modules", "modules_to_save"):
+        names = getattr(config, field, None)
+        if isinstance(names, (set, list)):
+            # peft keeps these as sets, written in hash order: sorted, the same run writes the same bytes
+            setattr(config, field, sorted(names))
     model.save_pretrained(folder, safe_serialization=True)
 
 

@@ -8,6 +8,7 @@ beside the target, plus a random few milliseconds) or at a random moment of a wh
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -62,7 +63,8 @@ def _kill_once(args: list[str], target: str, rng: random.Random, span: float | N
         else:
             time.sleep(rng.uniform(0, span))
             moment = "at a random moment"
-        os.killpg(process.pid, signal.SIGKILL)  # not yet reaped: the group exists even if it just ended
+        with contextlib.suppress(ProcessLookupError):  # the run may have ended just now
+            os.killpg(process.pid, signal.SIGKILL)
         _, err = process.communicate(timeout=PROCESS_TIMEOUT)
     finally:
         if process.poll() is None:
