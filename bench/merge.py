@@ -25,6 +25,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from _testbed import add_testbed_argument, resolve_testbed, testbed_line  # noqa: E402  (bench/ is sys.path[0])
 
 LCTOOL = os.path.join(ROOT, ".venv", "bin", "lctool")
 _CACHE = os.environ.get("LCTOOL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lctool")
@@ -107,11 +108,9 @@ def synthetic_tensors():
             yield name, torch.randn(shape, generator=generator) * 0.02
 
 
-def testbed_inputs(work: str) -> list[str]:
+def testbed_inputs(work: str, testbed: str) -> list[str]:
     from lctool.io import Checkpoint
-    from lctool.ops.testbed import testbed_path
 
-    testbed = testbed_path(preset="quick", build=True)
     checkpoint = Checkpoint(testbed)
     return make_finetunes(checkpoint.iter_tensors(), checkpoint.config, os.path.join(work, "testbed"), carry_from=testbed)
 
@@ -220,6 +219,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="Paired runs per cell.")
     parser.add_argument("--methods", nargs="+", choices=["ties", "dare_ties"], default=["ties", "dare_ties"])
     parser.add_argument("--work", default=None, help="Where inputs and outputs go (default: lctool's cache).")
+    add_testbed_argument(parser)
     args = parser.parse_args()
     if not os.access(MERGEKIT, os.X_OK):
         raise SystemExit(f"mergekit not found at {MERGEKIT}: run bench/setup_mergekit.sh first")
@@ -227,8 +227,11 @@ def main() -> None:
 
     work = args.work or cache_dir("bench", "merge")
     rows = []
+    testbed_note = ""
     if args.only in (None, "testbed"):
-        paths = testbed_inputs(work)
+        testbed, preset = resolve_testbed(args.testbed)
+        testbed_note = testbed_line(preset, testbed)
+        paths = testbed_inputs(os.path.join(work, preset), testbed)
         rows += bench_model("testbed", paths, work, args.runs, folder_mb(paths[0]), args.methods)
     if args.only in (None, "synthetic"):
         started = time.time()
@@ -237,6 +240,9 @@ def main() -> None:
         rows += bench_model("synthetic", paths, work, args.runs, folder_mb(paths[0]), args.methods)
     base = startup()
     loads = [run["load"] for r in rows for run in r["mergekit"] + r["lctool"]]
+    if testbed_note:
+        print(testbed_note)
+        print()
     print(table(rows))
     print()
     print(f"Load average (1 min) at the start of each run: {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores.")
