@@ -12,7 +12,7 @@ than every training-free row at 4·L0 and 8·L0, and passkey accuracy at 4·L0 �
 
 CPU only; timings are this machine's (2 shared cores); GPU speed is unmeasured.
 Run: .venv/bin/python bench/extend.py [--preset quick] [--steps 300] [--batch-size 4] [--lr 3e-4]
-     [--max-tokens 16384] [--trials 2] [--out bench/results/extend.md]
+     [--max-tokens 16384] [--trials 2] [--out bench/results/extend.md] [--variants original,dynamic,clex]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _testbed import add_testbed_argument, resolve_testbed, testbed_line  # noqa: E402  (bench/ is sys.path[0])
 
 TRAINING_FREE = ("linear", "ntk", "dynamic", "yarn", "llama3", "longrope")
+TRAINED = ("e2llm", "clex")
 TARGET = 1.10
 
 
@@ -35,26 +36,29 @@ def build_variants(testbed: str, work: str, args) -> tuple[dict[str, str], dict[
     """name -> checkpoint folder, and name -> training summary for the trained ones."""
     from lctool.ops.extend import ExtendOptions, TrainingOptions, extend
 
-    variants = {"original": testbed}
+    wanted = set(args.variants.split(",")) if args.variants else {"original", *TRAINING_FREE, *TRAINED}
+    variants = {"original": testbed} if "original" in wanted else {}
     for factor in (4, 8):
-        for method in TRAINING_FREE:
+        for method in (m for m in TRAINING_FREE if m in wanted):
             variants[f"{method} ×{factor}"] = extend(
                 testbed, os.path.join(work, f"{method}-{factor}"), ExtendOptions(method=method, factor=factor))
     training = TrainingOptions(corpus="wiki", steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                warmup_steps=min(20, args.steps), seed=args.seed)
     summaries = {}
-    for method in ("e2llm", "clex"):
+    for method in (m for m in TRAINED if m in wanted):
         started = time.time()
         out = extend(testbed, os.path.join(work, method), ExtendOptions(method=method, factor=8, training=training))
         manifest = json.load(open(os.path.join(out, "lctool.json")))
         summaries[method] = {**manifest["results"]["training"], "bench_wall_s": round(time.time() - started, 1)}
         variants[f"{method} (trained)"] = out
     # E²-LLM's inference scale follows the target length: the same weights as stock linear g=4 and g=8.
-    e2 = variants.pop("e2llm (trained)")
-    variants["e2llm g=8"] = e2
-    variants["e2llm g=4"] = extend(e2, os.path.join(work, "e2llm-4"), ExtendOptions(method="linear", factor=4),
-                                   force=True)
-    variants["clex"] = variants.pop("clex (trained)")
+    if "e2llm" in wanted:
+        e2 = variants.pop("e2llm (trained)")
+        variants["e2llm g=8"] = e2
+        variants["e2llm g=4"] = extend(e2, os.path.join(work, "e2llm-4"), ExtendOptions(method="linear", factor=4),
+                                       force=True)
+    if "clex" in wanted:
+        variants["clex"] = variants.pop("clex (trained)")
     return variants, summaries
 
 
@@ -97,10 +101,12 @@ def plot(rows: dict[str, dict], lengths: list[int], path: str) -> None:
 def goals(rows: dict[str, dict], lengths: list[int]) -> list[str]:
     l0, l4, l8 = lengths[0], 4 * lengths[0], 8 * lengths[0]
     free = {k: v for k, v in rows.items() if "×" in k}
+    if not free:
+        return ["- (no training-free rows in this run: goals not evaluated)"]
     best4 = min(free.items(), key=lambda kv: kv[1]["ppl"][l4])
     best8 = min(free.items(), key=lambda kv: kv[1]["ppl"][l8])
     lines = []
-    for name in ("e2llm g=4", "e2llm g=8", "clex"):
+    for name in (n for n in ("e2llm g=4", "e2llm g=8", "clex") if n in rows):
         row = rows[name]
         ratio = row["ppl"][l4] / row["ppl"][l0]
         lines.append(
@@ -140,6 +146,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/extend.md")
+    parser.add_argument("--variants", default="",
+                        help="comma list of original, training-free methods, e2llm, clex (default: all)")
     args = parser.parse_args()
 
     import torch
@@ -160,7 +168,7 @@ def main() -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     plot(rows, lengths, png)
     command = "CUDA_VISIBLE_DEVICES= .venv/bin/python bench/extend.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v != "")
     train_lines = [
         f"- **{m}**: {s['steps']} steps × {args.batch_size} sequences × {l0} tokens ({s['tokens']:,} tokens), "
         f"lr {args.lr}, loss {s['first_loss']} → {s['final_loss']}, {s['cpu_minutes']} CPU-minutes "
@@ -176,7 +184,7 @@ def main() -> None:
         f"tokens, non-overlapping windows of each length; passkey: {args.trials} keys × 5 depths per length. "
         f"Total wall time {time.time() - started:.0f} s on 2 shared CPU cores (GPU speed unmeasured).",
         "",
-        "Training budget (equal for both):",
+        "Training budget (equal for both):" if len(summaries) > 1 else "Training budget:",
         *train_lines,
         "",
         *table(rows, lengths),

@@ -27,8 +27,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from _testbed import add_testbed_argument, resolve_testbed, testbed_line  # noqa: E402  (bench/ is sys.path[0])
 
+from lctool.io.cache import cache_root  # noqa: E402
+
 LCTOOL = os.path.join(ROOT, ".venv", "bin", "lctool")
-_CACHE = os.environ.get("LCTOOL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lctool")
+_CACHE = cache_root()
 MERGEKIT = os.path.join(
     os.environ.get("LCTOOL_MERGEKIT_VENV", os.path.join(_CACHE, "venvs", "mergekit-0.1.5")), "bin", "mergekit-yaml"
 )

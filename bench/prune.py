@@ -167,7 +167,7 @@ def main(argv=None) -> int:
                     result = evaluate(out, dense_model, tokenizer, text, args)
                     model = result.pop("model")
                     draws.append({**result, "summary": summary})
-                    if importance == "taylor-vector" and (recover or len(recover_modes) == 1):
+                    if importance == "taylor-element" and (recover or len(recover_modes) == 1):
                         decode_models[ratio] = model
                     print(f"{ratio:.0%} {importance:15s} seed {seed} {key:6s} ppl {result['ppl']:9.2f} bpb "
                           f"{result['bpb']:.4f} KL {result['kl']:.4f} ({summary['prune_s']:.1f} s)",
@@ -264,7 +264,7 @@ def write_markdown(args, argv, base: str, preset: str | None, dense: dict, rows:
         f"(one run: {recovery.get('wall_s', '?')} s). Eval: wiki eval split, windows of {args.ctx} tokens, "
         f"first {args.max_tokens:,} tokens; KL(dense ‖ pruned) in nats/token on the same windows. Decode: greedy, "
         f"batch 1, {args.decode_tokens} new tokens after a 32-token prompt, best of {args.repeats} runs taken in turns "
-        "with the dense model; one model per ratio, the taylor-vector one (recovered when recovery runs); with "
+        "with the dense model; one model per ratio, the taylor-element one (recovered when recovery runs); with "
         "per-layer ranking every importance gives the same shapes at a ratio.",
         "",
         text_table,

@@ -25,6 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from _testbed import add_testbed_argument, resolve_testbed  # noqa: E402  (bench/ is sys.path[0])
 
+# Then bench/ out of the path: bench/aqlm.py would shadow the aqlm package that peft probes for.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
 from lctool.data import corpus_text  # noqa: E402
 from lctool.eval import load_for_eval, perplexity  # noqa: E402
 from lctool.ops.vocab import ExpandOptions, expand, tokens_per_char  # noqa: E402

@@ -229,7 +229,7 @@ def test_testbed_path_prints_a_bare_path(tmp_path, run_cli, monkeypatch):
     from lctool.ops import testbed as testbed_module
 
     long_path = str(tmp_path / ("a-very-long-folder-name-" * 5) / "quick")
-    monkeypatch.setattr(testbed_module, "testbed_path", lambda preset, build, log: long_path)
+    monkeypatch.setattr(testbed_module, "testbed_path", lambda preset, build, log, **compute: long_path)
     code, out, err = run_cli("testbed", "path")
     assert code == 0 and out == long_path + "\n"  # no wrapping or styling: usable as $(lctool testbed path)
 
@@ -256,3 +256,312 @@ def test_lineage_through_a_chain_and_a_merge(tmp_path, run_cli):
     assert by_path[b]["manifest_sha256"] is None  # not made by lctool
     code, out, _ = run_cli("inspect", tmp_path / "merged")
     assert code == 0 and "lineage 3" in out and "merge" in out
+
+
+# ---- --device / --dtype on every command that computes with a model ---------------------------------------
+MODEL_COMMANDS = ("eval", "merge", "quantize", "prune", "extend", "finetune", "vocab expand", "testbed build")
+
+
+def _command_args(command: str, tiny: str, out) -> list:
+    """A command line that would run (or fail later) but for the --device/--dtype given after it."""
+    return {
+        "eval": ["eval", tiny],
+        "merge": ["merge", "--method", "linear", tiny, tiny, out],
+        "quantize": ["quantize", tiny, out, "--method", "rtn"],
+        "prune": ["prune", tiny, out, "--ratio", "0.2"],
+        "extend": ["extend", tiny, out, "--method", "e2llm", "--factor", "2"],
+        "finetune": ["finetune", tiny, out, "--data", "wiki"],
+        "vocab expand": ["vocab", "expand", tiny, out, "--corpus", "wiki", "--num-new", "4"],
+        "testbed build": ["testbed", "build", out],
+    }[command]
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_model_commands_document_device_and_dtype(run_cli, command):
+    code, out, _ = run_cli(*command.split(), "--help")
+    assert code == 0 and "--device" in out and "--dtype" in out, out
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal needs a machine without CUDA")
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_an_absent_cuda_is_refused_before_any_work(tmp_path, run_cli, command):
+    tiny = save_tiny(str(tmp_path / "tiny"))
+    code, out, err = run_cli(*_command_args(command, tiny, tmp_path / "out"), "--device", "cuda")
+    assert code == 2, (code, out, err)
+    assert "--device" in _one_error_line(err) and "no CUDA device" in err
+    assert sorted(os.listdir(tmp_path)) == ["tiny"]  # no output, no temp or training folder
+
+
+@pytest.mark.parametrize(("command", "dtype", "accepted"), [
+    ("vocab expand", "float64", True), ("merge", "float64", True), ("quantize", "float64", False),
+    ("finetune", "float64", False), ("prune", "bf16", True), ("extend", "bogus", False), ("testbed build", "int8", False),
+])
+def test_dtype_spelling_is_checked_per_command(tmp_path, run_cli, monkeypatch, command, dtype, accepted):
+    """An accepted dtype gets past option parsing (the command then fails later on purpose: no text, a
+    model listed twice, nothing runs); a refused one is a usage error naming what the command accepts."""
+    import lctool.data as data
+
+    def no_text(*args, **kwargs):
+        raise LctoolError("stop here")
+
+    from lctool.errors import LctoolError
+
+    monkeypatch.setattr(data, "load_text_source", no_text)
+    monkeypatch.setattr(data, "calibration_batches", no_text)
+    monkeypatch.setenv("LCTOOL_CACHE", str(tmp_path / "cache"))  # testbed build: nothing cached, nothing built
+    from lctool.ops import testbed as testbed_module
+
+    monkeypatch.setattr(testbed_module, "build_testbed", no_text)
+    tiny = save_tiny(str(tmp_path / "tiny"))
+    code, out, err = run_cli(*_command_args(command, tiny, tmp_path / "out"), "--dtype", dtype, "--quiet")
+    _one_error_line(err)
+    if accepted:
+        assert code == 2 and "--dtype" not in err and "is not one of" not in err, err
+    else:
+        assert code == 2 and "--dtype" in err and "is not one of" in err, err
+
+
+def test_float16_training_on_cpu_is_refused(tmp_path, run_cli):
+    """accelerate has no CPU fp16 autocast: it would silently train in float32."""
+    tiny = save_tiny(str(tmp_path / "tiny"))
+    code, _, err = run_cli("finetune", tiny, tmp_path / "out", "--data", "wiki", "--dtype", "float16")
+    assert code == 2 and "float16 trains on cuda only" in _one_error_line(err)
+    assert sorted(os.listdir(tmp_path)) == ["tiny"]
+
+
+def test_option_models_take_device_and_dtype_too():
+    """The Python API validates like the flags: LctoolError (one line, exit 2), canonical names."""
+    from lctool.errors import LctoolError
+    from lctool.ops.extend import TrainingOptions
+    from lctool.ops.extend.search import SearchOptions
+    from lctool.ops.finetune import FinetuneOptions
+    from lctool.ops.vocab import ExpandOptions
+    from lctool.prune.evopress import EvoPressPruneOptions
+    from lctool.prune.options import LlmPrunerOptions
+    from lctool.quant import QuantizeOptions
+    from lctool.quant.pv import PvOptions
+
+    makers = [lambda **c: QuantizeOptions(method="gptq", **c), lambda **c: FinetuneOptions(data="wiki", **c),
+              lambda **c: LlmPrunerOptions(ratio=0.2, **c), lambda **c: EvoPressPruneOptions(space="blocks", target=1, **c),
+              lambda **c: TrainingOptions(**c), lambda **c: SearchOptions(**c), lambda **c: PvOptions(method="pv", **c),
+              lambda **c: ExpandOptions(corpus="wiki", num_new=2, **c)]
+    for make in makers:
+        assert (make().device, make().dtype) == ("cpu", "float32")
+        assert make(dtype="bf16").dtype == "bfloat16"
+        with pytest.raises(LctoolError, match="is not one of"):
+            make(dtype="int4")
+        with pytest.raises(LctoolError, match="not a device"):
+            make(device="tpu")
+
+
+def _spy(monkeypatch, module, name, record):
+    real = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        result = record(real, *args, **kwargs)
+        return result
+
+    monkeypatch.setattr(module, name, spy)
+
+
+def _linear_output_dtypes(model) -> set:
+    """Records the dtype of every Linear's output in the forwards that follow (what the math ran in)."""
+    seen: set = set()
+    for module in model.modules():
+        if isinstance(module, __import__("torch").nn.Linear):
+            module.register_forward_hook(lambda m, i, o: seen.add(str(o.dtype)))
+    return seen
+
+
+def test_quantize_computes_in_the_dtype_asked(tmp_path, run_cli, monkeypatch):
+    """gptq --dtype bfloat16: the calibration forward runs in bf16, Hessians stay float32, the output is
+    the GPTQ format's own dtypes (fp16 scales), and the weights are rounded from their float32 values."""
+    import lctool.quant.engine as engine
+
+    seen = {"layers": set(), "hidden": set(), "hessians": set()}
+
+    def load_layer(real, stream, *args, **kwargs):
+        layer = real(stream, *args, **kwargs)
+        seen["layers"] |= {str(p.dtype) for p in layer.parameters()}
+        seen["hidden"].add(str(stream.hidden.dtype))
+        return layer
+
+    def collect(real, stream, *args, **kwargs):
+        hessians = real(stream, *args, **kwargs)
+        seen["hessians"] |= {str(h.dtype) for h in hessians.values()}
+        return hessians
+
+    _spy(monkeypatch, engine.LayerStream, "load_layer", load_layer)
+    _spy(monkeypatch, engine.LayerStream, "collect_hessians", collect)
+    tiny = save_tiny(str(tmp_path / "tiny"))
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Quantization keeps the weights small and the outputs close. " * 40)
+    code, out, err = run_cli("quantize", tiny, tmp_path / "q", "--method", "gptq", "--group-size", "32", "--calib",
+                             calib, "--calib-n", "4", "--calib-len", "32", "--device", "cpu", "--dtype", "bfloat16",
+                             "--json")
+    assert code == 0, err
+    assert seen == {"layers": {"torch.bfloat16"}, "hidden": {"torch.bfloat16"}, "hessians": {"torch.float32"}}
+    parameters = json.loads((tmp_path / "q" / "lctool.json").read_text())["parameters"]
+    assert (parameters["device"], parameters["dtype"]) == ("cpu", "bfloat16")
+    with safe_open(os.path.join(tmp_path / "q", "model.safetensors"), framework="pt") as f:
+        scales = {str(f.get_slice(n).get_dtype()) for n in f.keys() if n.endswith(".scales")}
+    assert scales == {"F16"}
+
+
+def test_prune_gradients_run_in_the_dtype_asked(tmp_path, run_cli, monkeypatch):
+    """llm-pruner taylor --dtype bfloat16: the gradient passes' matrix products run in bf16 (autocast)
+    while the weights and gradient sums stay float32; the output keeps the input's float32."""
+    import lctool.prune.llm_pruner as llm_pruner
+
+    seen = {"linear": set(), "grad": set(), "weights": set()}
+
+    def collect(real, model, *args, **kwargs):
+        seen["linear"] = _linear_output_dtypes(model)
+        seen["weights"] |= {str(p.dtype) for p in model.parameters()}
+        gradients = real(model, *args, **kwargs)
+        seen["grad"] |= {str(g.dtype) for g in gradients.grad.values()}
+        return gradients
+
+    _spy(monkeypatch, llm_pruner, "collect_gradients", collect)
+    tiny = save_tiny(str(tmp_path / "tiny"))
+    code, _, err = run_cli("prune", tiny, tmp_path / "p", "--ratio", "0.2", "--calib-n", "2", "--calib-len", "32",
+                           "--dtype", "bfloat16", "--device", "cpu")
+    assert code == 0, err
+    assert seen == {"linear": {"torch.bfloat16"}, "grad": {"torch.float32"}, "weights": {"torch.float32"}}
+    assert _dtypes(tmp_path / "p") == {"F32"}
+
+
+def test_finetune_trains_in_the_mixed_precision_asked(tmp_path, run_cli, monkeypatch):
+    """--dtype bfloat16 reaches accelerate: the forwards of the training run compute in bf16 on the CPU
+    (--device cpu is accelerate's cpu=True), the adapter stays float32."""
+    import lctool.ops.finetune as finetune_module
+    import lctool.train.loop as loop
+
+    seen = {"linear": set(), "accelerate": []}
+
+    def peft_model(real, *args, **kwargs):
+        model = real(*args, **kwargs)
+        seen["linear"] = _linear_output_dtypes(model)
+        return model
+
+    def make_accelerator(real, config):
+        accelerator = real(config)
+        seen["accelerate"].append((accelerator.device.type, accelerator.mixed_precision))
+        return accelerator
+
+    _spy(monkeypatch, finetune_module, "peft_model", peft_model)
+    _spy(monkeypatch, loop, "make_accelerator", make_accelerator)
+    tiny = save_tiny(str(tmp_path / "tiny"))
+    data = tmp_path / "data.txt"
+    data.write_text("Shall I compare thee to a summer's day? " * 40)
+    code, _, err = run_cli("finetune", tiny, tmp_path / "ft", "--data", data, "--seq-len", "32", "--batch", "2",
+                           "--steps", "2", "--lora-r", "2", "--device", "cpu", "--dtype", "bf16", "--quiet")
+    assert code == 0, err
+    assert seen == {"linear": {"torch.bfloat16"}, "accelerate": [("cpu", "bf16")]}
+    with safe_open(os.path.join(tmp_path / "ft", "adapter_model.safetensors"), framework="pt") as f:
+        assert {str(f.get_slice(n).get_dtype()) for n in f.keys()} == {"F32"}
+
+
+def test_extend_training_runs_in_the_dtype_asked(tmp_path, run_cli, monkeypatch):
+    """e2llm --dtype bfloat16: its training forwards run in bf16; the output keeps the input's dtypes."""
+    import lctool.ops.extend.e2llm as e2llm
+
+    seen: dict = {}
+
+    def load(real, *args, **kwargs):
+        model = real(*args, **kwargs)
+        seen["linear"] = _linear_output_dtypes(model)
+        return model
+
+    _spy(monkeypatch, e2llm, "load_unscaled_model", load)
+    tiny = save_tiny(str(tmp_path / "tiny"), max_position_embeddings=32)
+    corpus = tmp_path / "train.txt"
+    corpus.write_text("Longer contexts need rotary positions that stretch without breaking. " * 60)
+    code, _, err = run_cli("extend", tiny, tmp_path / "e", "--method", "e2llm", "--factor", "2", "--corpus", corpus,
+                           "--steps", "2", "--batch-size", "2", "--dtype", "bfloat16", "--quiet")
+    assert code == 0, err
+    assert seen["linear"] == {"torch.bfloat16"}
+    assert _dtypes(tmp_path / "e") == _dtypes(tiny)
+
+
+def test_vocab_expand_computes_rows_in_the_dtype_asked(tmp_path, run_cli, monkeypatch, testbed_dir):
+    """float64 and bfloat16 reach the row arithmetic; old rows are copied exactly and the matrices keep
+    their dtype."""
+    import importlib
+
+    from lctool.io import Checkpoint
+
+    expand_module = importlib.import_module("lctool.ops.vocab.expand")  # the package's `expand` is the function
+
+    seen = []
+
+    def new_rows(real, method, old, *args, **kwargs):
+        seen.append((str(old.dtype), str(old.device)))
+        return real(method, old, *args, **kwargs)
+
+    _spy(monkeypatch, expand_module, "new_rows", new_rows)
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps([" device", " dtype"]))
+    for dtype in ("float64", "bfloat16"):
+        out = tmp_path / dtype
+        code, _, err = run_cli("vocab", "expand", testbed_dir, out, "--tokens", tokens, "--dtype", dtype, "--quiet")
+        assert code == 0, err
+        assert seen[-1] == (f"torch.{dtype}", "cpu")
+    source, expanded = Checkpoint(testbed_dir), Checkpoint(str(tmp_path / "bfloat16"))
+    name = source.arch.weight("embed")
+    old, new = source.get(name), expanded.get(name)
+    assert new.dtype == old.dtype and new.shape[0] > old.shape[0]
+    assert __import__("torch").equal(new[: old.shape[0]], old)
+
+
+def test_cache_env_expands_home_and_relative_paths(tmp_path, monkeypatch, run_cli):
+    from lctool.data import sources
+    from lctool.io.cache import cache_dir, cache_root
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LCTOOL_CACHE", "~/x")
+    assert cache_root() == str(tmp_path / "home" / "x")
+    assert str(sources.cache_root()) == cache_root()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LCTOOL_CACHE", "rel/cache")
+    assert cache_root() == str(tmp_path / "rel" / "cache")
+    assert cache_dir("evopress") == str(tmp_path / "rel" / "cache" / "evopress") and os.path.isdir("rel/cache/evopress")
+    # The same resolution for a command: ~ is the user's home folder, never a folder named "~".
+    monkeypatch.setenv("LCTOOL_CACHE", "~/y")
+    code, _, err = run_cli("testbed", "path", "--no-build")
+    assert code == 2 and "not built" in err
+    assert (tmp_path / "home" / "y").is_dir() and not (tmp_path / "~").exists()
+    monkeypatch.delenv("LCTOOL_CACHE")
+    assert cache_root() == str(tmp_path / "home" / ".cache" / "lctool")
+
+
+def test_training_runs_of_different_dtypes_share_a_process():
+    """accelerate keeps one mixed precision per process; each training run sets its own."""
+    import torch
+
+    from lctool.train import TrainConfig, train
+
+    for mixed in ("bf16", "no", "bf16"):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        seen = set()
+        model[0].register_forward_hook(lambda m, i, o, seen=seen: seen.add(o.dtype))
+
+        def loss_fn(prepared, batch):
+            return prepared(batch["input_ids"].float()).square().mean()
+
+        batches = iter([{"input_ids": torch.ones(2, 4)}] * 2)
+        train(model, batches, TrainConfig(steps=1, lr=1e-3, batch_size=2, mixed_precision=mixed, progress=False),
+              loss_fn=loss_fn)
+        assert seen == {torch.bfloat16 if mixed == "bf16" else torch.float32}
+
+
+def test_device_auto_is_the_default_and_resolves_to_what_this_machine_has():
+    import torch
+
+    from lctool.devices import ComputeOptions, check_device
+    from lctool.train.config import TrainConfig
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert check_device("auto") == check_device(None) == expected
+    assert ComputeOptions().device == expected
+    assert TrainConfig.model_fields["device"].default == "auto"

@@ -135,12 +135,13 @@ def test_untrained_clex_equals_its_base_scaling_logits(workdir):
         torch.testing.assert_close(clex(long).logits, _stock(ntk)(long).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_clex_hook_samples_times_and_spreads_positions(workdir):
+@pytest.mark.parametrize("mode", ["runs", "sampled"])
+def test_clex_hook_samples_times_and_spreads_positions(workdir, mode):
     from lctool.ops.clex.modeling_clex import ClexRotaryEmbedding
     from lctool.ops.clex.train import ClexAugmentation
 
     rotary = ClexRotaryEmbedding(SimpleNamespace(clex=_clex_settings()))
-    hook = ClexAugmentation([rotary], L0, t_max=4, seed=0)
+    hook = ClexAugmentation([rotary], L0, t_max=4, seed=0, mode=mode, run_length=8)
     seen = set()
     for step in range(40):
         batch = hook(step, None, {"input_ids": torch.zeros(2, L0, dtype=torch.long)})
@@ -150,9 +151,39 @@ def test_clex_hook_samples_times_and_spreads_positions(workdir):
         assert torch.equal(batch["attention_mask"], torch.ones(2, L0, dtype=torch.long))
         assert positions.shape == (2, L0)
         assert (positions[:, 1:] > positions[:, :-1]).all()  # sorted, distinct
-        assert (positions[:, 0] == 0).all() and (positions[:, -1] == t * L0 - 1).all()
+        assert (positions[:, 0] == 0).all() and (positions < t * L0).all()
+        if mode == "sampled":
+            assert (positions[:, -1] == t * L0 - 1).all()
+        else:  # neighbours one apart inside each run of 8; the gaps only between runs
+            steps = positions[:, 1:] - positions[:, :-1]
+            inside = torch.ones(L0 - 1, dtype=torch.bool)
+            inside[7::8] = False
+            assert (steps[:, inside] == 1).all()
+            if t > 1:
+                assert (steps[:, ~inside] > 1).any()
         seen.add(t)
     assert seen == {1, 2, 3, 4}
+
+
+def test_clex_long_text_reads_tokens_at_their_positions():
+    """Rows of t_max·L0 tokens: the L0 tokens fed are the row's tokens at the positions (from one
+    random start), and a token after a gap is not a label (it is not the next token of the text)."""
+    from lctool.ops.clex.train import ClexAugmentation
+
+    hook = ClexAugmentation([], L0, t_max=4, seed=0, mode="runs", run_length=8)
+    rows = torch.arange(4 * L0).repeat(3, 1) + torch.tensor([[0], [1000], [2000]])
+    for step in range(12):
+        batch = hook(step, None, {"input_ids": rows})
+        t = hook.history[-1][1]
+        ids, positions, labels = batch["input_ids"], batch["position_ids"], batch["labels"]
+        assert ids.shape == positions.shape == labels.shape == (3, L0)
+        start = ids[:, :1] - torch.tensor([[0], [1000], [2000]])
+        assert torch.equal(ids - torch.tensor([[0], [1000], [2000]]), start + positions)  # the text follows
+        assert (start >= 0).all() and (start + t * L0 <= 4 * L0).all()
+        after_gap = torch.zeros_like(labels, dtype=torch.bool)
+        after_gap[:, 1:] = positions[:, 1:] - positions[:, :-1] > 1
+        assert (labels[after_gap] == -100).all() and torch.equal(labels[~after_gap], ids[~after_gap])
+        assert after_gap.any() == (t > 1)
 
 
 def test_spread_positions_keep_causal_attention(workdir):
@@ -186,6 +217,33 @@ def test_clex_ode_gets_gradients(workdir):
     cos, sin = rotary(torch.zeros(1, 3 * L0, DIM), torch.arange(3 * L0)[None])
     (cos.sum() + sin.sum()).backward()
     assert rotary.dynamics.out.weight.grad is not None and rotary.dynamics.out.weight.grad.abs().sum() > 0
+
+
+def test_clex_ode_trains_at_its_own_lower_learning_rate(workdir):
+    """One AdamW step moves each weight by about its group's lr: the ODE's by lr × clex_ode_lr_scale."""
+    from lctool.ops.clex.train import build_clex_model, ode_lr_scales
+    from lctool.ops.extend.api import plan_extension
+    from lctool.train import ShuffledWindows, TrainConfig, train
+
+    plan = plan_extension(workdir.source, ExtendOptions(method="clex", factor=4))
+    model, rotaries = build_clex_model(plan.checkpoint, plan.original, _clex_settings())
+    scales = ode_lr_scales(model, rotaries, 0.01)
+    assert scales == {"model.rotary_emb.dynamics.": 0.01}
+    ode_before = rotaries[0].dynamics.out.weight.detach().clone()
+    query_before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+
+    def at_time_three(step, model, batch):
+        rotaries[0].time_override = 3  # t > 1: the ODE is in the graph
+        return batch
+
+    lr = 1e-2
+    windows = ShuffledWindows({"input_ids": torch.randint(0, 256, (4, L0))}, batch_size=2)
+    train(model, windows, TrainConfig(steps=1, lr=lr, batch_size=2, lr_scales=scales, progress=False),
+          before_step=at_time_three)
+    ode_step = (rotaries[0].dynamics.out.weight - ode_before).abs().max().item()
+    query_step = (model.model.layers[0].self_attn.q_proj.weight - query_before).abs().max().item()
+    assert 0.5 * lr * 0.01 < ode_step <= 1.01 * lr * 0.01
+    assert 0.5 * lr < query_step <= 1.01 * lr
 
 
 def test_clex_artifact_ships_its_code_and_needs_trust_remote_code(workdir, run_cli):

@@ -5,9 +5,9 @@ set -euo pipefail
 TESTBED=$($LCTOOL testbed path)
 PLAIN="$DEMO_OUT/testbed-pruned20"
 RECOVERED="$DEMO_OUT/testbed-pruned20-recovered"
-$LCTOOL -q prune "$TESTBED" "$PLAIN" --method llm-pruner --ratio 0.2 --importance taylor-vector --uniform \
+$LCTOOL -q prune "$TESTBED" "$PLAIN" --method llm-pruner --ratio 0.2 --importance taylor-element --uniform \
   --force --json > "$DEMO_OUT/prune20-summary.json"
-$LCTOOL -q prune "$TESTBED" "$RECOVERED" --method llm-pruner --ratio 0.2 --importance taylor-vector --uniform \
+$LCTOOL -q prune "$TESTBED" "$RECOVERED" --method llm-pruner --ratio 0.2 --importance taylor-element --uniform \
   --recover-steps 20 --recover-lr 1e-3 --force --json > "$DEMO_OUT/prune20-recovered-summary.json"
 for name in dense:"$TESTBED" pruned:"$PLAIN" recovered:"$RECOVERED"; do
   $LCTOOL -q eval "${name#*:}" --corpus wiki --ctx 256 --max-tokens 8192 --reference "$TESTBED" --json \

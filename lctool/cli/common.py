@@ -19,7 +19,6 @@ import inspect
 import json
 import logging
 import os
-import re
 import sys
 import warnings
 from collections.abc import Callable, Iterable
@@ -29,6 +28,8 @@ import typer
 from rich.console import Console
 from typer._click.core import Context, Parameter
 from typer._click.exceptions import BadParameter, UsageError
+
+from lctool.devices import DTYPES
 
 
 class State:
@@ -178,42 +179,35 @@ def progress(transient: bool = True, disable: bool | None = None):
 
 
 # ---- device and dtype: one spelling, one validation, wherever a command has them --------------------
-DTYPES = ("float32", "bfloat16", "float16")
-DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+# The rules live in lctool.devices (the Python API's option models use them too); here they become click
+# callbacks, so a bad value is a usage error (exit 2) before the command starts.
 
 
 def check_device(name: str) -> str:
     """cpu, cuda, cuda:N or mps, and present on this machine."""
-    if not _DEVICE.match(name or ""):
-        raise BadParameter(f"{name!r} is not a device (cpu, cuda, cuda:N or mps)")
-    if name == "cpu":
-        return name
-    import torch
+    from lctool.devices import check_device as resolve
+    from lctool.errors import LctoolError
 
-    if name.startswith("cuda"):
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        index = int(name.split(":")[1]) if ":" in name else 0
-        if count == 0:
-            raise BadParameter(f"{name}: no CUDA device is available")
-        if index >= count:
-            raise BadParameter(f"{name}: this machine has {count} CUDA device(s)")
-    elif not torch.backends.mps.is_available():
-        raise BadParameter("mps: not available on this machine")
-    return name
+    try:
+        return resolve(name)
+    except LctoolError as e:
+        raise BadParameter(str(e)) from None
 
 
 def check_dtype(name: str | None, allowed: Iterable[str] = DTYPES) -> str | None:
-    if name is None:
-        return None
-    allowed = tuple(allowed)
-    canonical = DTYPE_ALIASES.get(name.lower(), name.lower())
-    if canonical not in allowed:
-        raise BadParameter(f"{name!r} is not one of {', '.join(allowed)}")
-    return canonical
+    from lctool.devices import check_dtype as resolve
+    from lctool.errors import LctoolError
+
+    try:
+        return resolve(name, allowed)
+    except LctoolError as e:
+        raise BadParameter(str(e)) from None
 
 
-def device_option(default: str | None = "cpu", help: str = "Torch device: cpu, cuda, cuda:N or mps."):
+DEVICE_HELP = "Torch device: auto (default: cuda when present, else cpu), cpu, cuda, cuda:N or mps."
+
+
+def device_option(default: str | None = "cpu", help: str = DEVICE_HELP):
     return typer.Option(default, "--device", help=help, callback=lambda value: value and check_device(value))
 
 
@@ -315,11 +309,12 @@ _JSON_PARAM = (bool, typer.Option(False, "--json", help="Exactly one JSON object
 def check_cache_env() -> None:
     """$LCTOOL_CACHE, when set, must be a folder (or creatable): checked once for every command."""
     from lctool.errors import LctoolError
+    from lctool.io.cache import cache_root
 
     configured = os.environ.get("LCTOOL_CACHE")
     if not configured:
         return
-    path = os.path.expanduser(configured)
+    path = cache_root()
     if os.path.exists(path) and not os.path.isdir(path):
         raise LctoolError(f"LCTOOL_CACHE={configured} is not a folder")
     try:

@@ -137,7 +137,7 @@ def eval_command(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the passkeys."),
     dtype: str = dtype_option("float32", "Weights and activations"),
-    device: str = device_option("cpu"),
+    device: str = device_option("auto"),
     layer_by_layer: str = typer.Option(
         "auto", "--layer-by-layer", help="auto (when the weights do not fit in memory), always or never."
     ),

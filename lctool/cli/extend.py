@@ -7,10 +7,15 @@ import os
 
 import typer
 
-from lctool.cli.common import emit, kv_table
+from lctool.cli.common import device_option, dtype_option, emit, kv_table
 from lctool.errors import LctoolError
 
 METHOD_HELP = "linear | ntk | dynamic | yarn | llama3 | longrope (training-free); e2llm | clex (short fine-tune)"
+DEVICE_HELP = ("e2llm/clex: accelerate's device of the training run; --search: where perplexities are measured; "
+               "the training-free methods otherwise touch no tensors (the flag is only checked): cpu, cuda, "
+               "cuda:N or mps.")
+DTYPE_HELP = ("e2llm/clex: the training run's mixed precision (weights stay float32; float16 needs cuda); --search: "
+              "the scoring model's dtype; training-free otherwise: checked only. The output keeps the input's dtypes")
 
 
 def _factor_list(text: str | None) -> list[float] | None:
@@ -96,33 +101,43 @@ def extend_command(
     lora_rank: int = typer.Option(None, "--lora-rank", help="Train LoRA on attention instead of all weights."),
     g_max: int = typer.Option(None, "--g-max", help="E²-LLM: largest sampled scale (default ceil(L/L0))."),
     t_max: int = typer.Option(None, "--t-max", help="CLEX: largest sampled time (default ceil(L/L0))."),
+    clex_positions: str = typer.Option("runs", "--clex-positions",
+                                       help="CLEX: training positions in [0, t·L0): runs | sampled (paper) | consecutive."),
+    clex_run_length: int = typer.Option(32, "--clex-run-length", help="CLEX: consecutive positions per run."),
+    clex_long_text: bool = typer.Option(True, "--clex-long-text/--clex-short-text",
+                                        help="CLEX: read each token at its position of t·L0-token text (else L0-token text)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the training run."),
     checkpoint_dir: str = typer.Option(None, "--checkpoint-dir", help="Save training state here (resumable)."),
     resume: bool = typer.Option(False, "--resume", help="Resume from --checkpoint-dir."),
     search: bool = typer.Option(False, "--search", help="Pick factor/shape by held-out ppl at the target length."),
     search_corpus: str = typer.Option("wiki:calib", "--search-corpus", help="Held-out text for --search."),
     search_tokens: int = typer.Option(8192, "--search-tokens", help="Tokens scored per --search candidate."),
+    device: str = device_option("auto", DEVICE_HELP),
+    dtype: str = dtype_option("float32", DTYPE_HELP),
     force: bool = typer.Option(False, "--force", help="Replace an existing output; re-scale an already scaled input."),
 ) -> None:
     """Extend the context window: write the RoPE scaling (training-free) or fine-tune with E²-LLM / CLEX."""
     from lctool.ops.extend import ExtendOptions, TrainingOptions, extend
+    from lctool.ops.extend.options import TRAINED_METHODS
 
+    compute = {"device": device, "dtype": dtype}
     training = TrainingOptions(
         corpus=corpus, steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, lora_rank=lora_rank,
-        seed=seed, checkpoint_dir=checkpoint_dir, resume=resume,
+        seed=seed, checkpoint_dir=checkpoint_dir, resume=resume, **(compute if method in TRAINED_METHODS else {}),
     )
     options = ExtendOptions(
         method=method, factor=factor, original_length=original_length, target_length=target_length,
         beta_fast=beta_fast, beta_slow=beta_slow, attention_factor=attention_factor,
         low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor,
         short_factor=_factor_list(short_factor), long_factor=_factor_list(long_factor),
-        training=training, g_max=g_max, t_max=t_max,
+        training=training, g_max=g_max, t_max=t_max, clex_positions=clex_positions, clex_run_length=clex_run_length,
+        clex_long_text=clex_long_text,
     )
     search_options = None
     if search:
         from lctool.ops.extend.search import SearchOptions
 
-        search_options = SearchOptions(corpus=search_corpus, max_tokens=search_tokens)
+        search_options = SearchOptions(corpus=search_corpus, max_tokens=search_tokens, **compute)
     out = extend(source, target, options, force=force, search=search_options)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under accelerate launch / torchrun the main process reports

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import typer
 
-from lctool.cli.common import State, emit, kv_table, stderr
+from lctool.cli.common import State, device_option, dtype_option, emit, kv_table, stderr
+
+DEVICE_HELP = ("accelerate's device of the training run (cpu forces accelerate's CPU mode; --qlora: where "
+               "bitsandbytes quantizes the base): cpu, cuda, cuda:N or mps.")
+DTYPE_HELP = ("Mixed precision of the training run (autocast; the adapter and optimizer state stay float32, --merge "
+              "writes the base's dtype; --qlora: also bitsandbytes' compute dtype; float16 needs cuda)")
 
 
 def _table(summary: dict):
@@ -50,6 +55,8 @@ def finetune_command(
     eval_every: int = typer.Option(0, "--eval-every", help="Held-out perplexity every K steps."),
     log: str = typer.Option(None, "--log", help="JSONL log of every step (a copy goes into OUT)."),
     seed: int = typer.Option(0, "--seed"),
+    device: str = device_option("auto", DEVICE_HELP),
+    dtype: str = dtype_option("float32", DTYPE_HELP),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
 ) -> None:
     """Fine-tune with LoRA (or QLoRA) adapters on the shared training loop."""
@@ -61,7 +68,7 @@ def finetune_command(
         lora_dropout=lora_dropout, target=target, qlora=qlora, trainable=trainable, steps=steps, epochs=epochs,
         lr=lr, warmup=warmup, batch=batch, grad_accum=grad_accum, weight_decay=weight_decay,
         grad_checkpointing=grad_checkpointing, merge=merge, resume=resume, checkpoint_every=checkpoint_every,
-        eval_data=eval_data, eval_every=eval_every, log=log, seed=seed,
+        eval_data=eval_data, eval_every=eval_every, log=log, seed=seed, device=device, dtype=dtype,
     )
     try:
         summary = finetune(model, out, options, force=force, progress=not State.quiet)

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import typer
 
-from lctool.cli.common import emit, grid_table, log, stderr
+from lctool.cli.common import device_option, dtype_option, emit, grid_table, log, stderr
+
+DEVICE_HELP = ("Where the model computes: llm-pruner's gradient passes and --recover-* training; evopress's "
+               "level database and every fitness forward (magnitude/random importance: no model is run): cpu, "
+               "cuda, cuda:N or mps.")
+DTYPE_HELP = ("Compute dtype: llm-pruner autocasts its gradient passes (weights and gradients stay float32) and "
+              "trains the recovery in mixed precision; evopress runs its forwards in it (Hessians stay float32). "
+              "The output keeps the input's dtypes")
 
 
 def _given(**options) -> dict:
@@ -43,7 +50,7 @@ def prune_command(
     ratio: float = typer.Option(None, "--ratio", help="Fraction of the model's parameters to remove, 0 < r < 1."),
     importance: str = typer.Option(
         None, "--importance",
-        help="taylor-vector (default), taylor-element, second-order, l1, l2 or random."),
+        help="taylor-element (default: best of the estimators in bench/results/prune.md), taylor-vector, second-order, l1, l2 or random."),
     ranking: str = typer.Option(None, "--ranking", help="per-layer (default: each layer loses the same share) or global."),
     scope: str = typer.Option(None, "--scope", help="What to prune: all (heads and channels, default), attn or mlp."),
     layers: str = typer.Option(None, "--layers", help="Inclusive layer range to prune, e.g. 4-30, or all (default: all but the first and last layer)."),
@@ -79,6 +86,8 @@ def prune_command(
     initial_candidates: int = typer.Option(None, "--initial-candidates", help="evopress: random starts (default 8)."),
     batch_size: int = typer.Option(None, "--batch-size", help="evopress: windows per forward (default 8)."),
     damp: float = typer.Option(None, "--damp", help="evopress sparsegpt: Hessian dampening (default 0.01)."),
+    device: str = device_option("auto", DEVICE_HELP),
+    dtype: str = dtype_option("float32", DTYPE_HELP),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
 ) -> None:
     """Remove whole attention heads and MLP channels (LLM-Pruner), or search per-layer compression (EvoPress).
@@ -96,7 +105,7 @@ def prune_command(
         calib_n=calib_n, calib_len=calib_len, seed=seed, space=space, target=target, block_unit=block_unit,
         sparsity_method=sparsity_method, levels=levels, database=database, state=state, generations=generations,
         offspring=offspring, selection_tokens=selection_tokens, survivors=survivors, max_switches=max_switches,
-        initial_candidates=initial_candidates, batch_size=batch_size, damp=damp,
+        initial_candidates=initial_candidates, batch_size=batch_size, damp=damp, device=device, dtype=dtype,
     )
     recovery = _given(steps=recover_steps, lr=recover_lr, rank=recover_rank, data=recover_data, seq_len=recover_len,
                       batch_size=recover_batch_size)

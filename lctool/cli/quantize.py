@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import typer
 
-from lctool.cli.common import emit, grid_table, progress
+from lctool.cli.common import device_option, dtype_option, emit, grid_table, progress
+
+DEVICE_HELP = ("Where the per-layer math runs (calibration forward, Hessians, GPTQ/SpQR/AQLM solves; nf4/int8: "
+               "where bitsandbytes quantizes; --pv-tune: cpu only): cpu, cuda, cuda:N or mps.")
+DTYPE_HELP = ("Compute dtype of the calibration forward (Hessians stay float32, solves float32/float64, rtn has no "
+              "forward; nf4: bitsandbytes' compute dtype; --pv-tune: mixed precision). The output's dtypes are "
+              "its format's, whatever this is")
 
 
 def _table(summary: dict):
@@ -77,6 +83,8 @@ def quantize_command(
     survivors: str = typer.Option(None, "--survivors", help="--search: survivors per selection step (default 4,2,1)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Calibration windows per forward."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration sample."),
+    device: str = device_option("auto", DEVICE_HELP),
+    dtype: str = dtype_option("float32", DTYPE_HELP),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
 ) -> None:
     """Quantize a model: RTN/GPTQ (GPTQ format), SpQR (HF spqr or lctool_spqr), nf4/int8 (bitsandbytes), AQLM (aqlm format)."""
@@ -89,7 +97,7 @@ def quantize_command(
             bits_choices=bits_choices, target_bits=target_bits, database=database, state=state, generations=generations,
             offspring=offspring, selection_tokens=selection_tokens, survivors=survivors, group_size=group_size, sym=sym,
             act_order=act_order, damp=damp, calib=calib, calib_n=calib_n, calib_len=calib_len, batch_size=batch_size,
-            seed=seed), force)
+            seed=seed, device=device, dtype=dtype), force)
     if method is None and pv_tune is None:
         from lctool.errors import LctoolError
 
@@ -100,13 +108,13 @@ def quantize_command(
         stat_bits=stat_bits, stat_group_size=stat_group_size, outlier_threshold=outlier_threshold,
         batch_size=batch_size, seed=seed, codebooks=codebooks, codebook_bits=codebook_bits,
         in_group_size=in_group_size, out_group_size=out_group_size, beam_size=beam_size, aqlm_rounds=aqlm_rounds,
-        finetune_steps=finetune_steps, finetune_lr=finetune_lr,
+        finetune_steps=finetune_steps, finetune_lr=finetune_lr, device=device, dtype=dtype,
     )
     if pv_tune is not None or reference is not None or resume:
         _pv_command(model, out, options if method else None, reference, force, dict(
             method=pv_tune, steps=pv_steps, lr=pv_lr, v_lr=pv_v_lr, subspace=pv_subspace, code_every=pv_code_every,
             checkpoint_every=pv_checkpoint_every, resume=resume, beam_size=beam_size, batch=batch_size, calib=calib,
-            calib_n=calib_n, calib_len=calib_len, seed=seed))
+            calib_n=calib_n, calib_len=calib_len, seed=seed, device=device, dtype=dtype))
         return
     with progress() as bar:
         task = bar.add_task("quantizing", total=None, info="")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from lctool.cli.common import emit, kv_table, log
+from lctool.cli.common import device_option, dtype_option, emit, kv_table, log
 
 testbed_app = typer.Typer(help="Build or locate the embedded testbed model (trained here from real text).",
                           no_args_is_help=True)
@@ -15,12 +15,16 @@ def build_command(
     out: str = typer.Argument(None, help="Also copy the testbed to this folder."),
     preset: str = typer.Option("quick", "--preset", help="quick (tests, demo) or bench (benchmarks)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    device: str = device_option("cpu", "accelerate's device of the training run when the testbed is built "
+                                       "(not part of its recipe): cpu, cuda, cuda:N or mps."),
+    dtype: str = dtype_option("float32", "Mixed precision of that training run; another dtype than float32 is "
+                                         "another testbed, cached in its own folder (float16 needs cuda)"),
 ) -> None:
     """Build the testbed once per machine (cached), report it, and optionally copy it to OUT."""
     from lctool.ops.convert import convert
     from lctool.ops.testbed import testbed_path, testbed_summary
 
-    path = testbed_path(preset, build=True, log=log)
+    path = testbed_path(preset, build=True, log=log, device=device, dtype=dtype)
     if out:
         convert(path, out, force=force)
     summary = testbed_summary(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from lctool.cli.common import emit, grid_table, kv_table, log
+from lctool.cli.common import DTYPES, device_option, dtype_option, emit, grid_table, kv_table, log
 
 vocab_app = typer.Typer(help="Expand or trim a model's byte-level BPE vocabulary (tokenizer + embeddings).",
                         no_args_is_help=True)
@@ -32,6 +32,11 @@ def expand_command(
     pad_to_multiple: int = typer.Option(1, "--pad-to-multiple", help="Round vocab_size up to a multiple (e.g. 64)."),
     seed: int = typer.Option(0, "--seed", help="Seed of random init and of align's SVD."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size"),
+    device: str = device_option("cpu", "Where the new rows (and the padding rows' mean) are computed: cpu, cuda, "
+                                       "cuda:N or mps."),
+    dtype: str = dtype_option("float32", "Dtype of that arithmetic (old rows are copied exactly; the matrices "
+                                         "keep their dtype; align's auxiliary SVD stays float32 on the CPU)",
+                              (*DTYPES, "float64")),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
 ) -> None:
     """Learn new BPE merges on a corpus (or add given tokens), continuing the model's own merges."""
@@ -39,7 +44,7 @@ def expand_command(
 
     options = ExpandOptions(corpus=corpus, split=split, num_new=num_new, tokens_file=tokens, init=init,
                             min_frequency=min_frequency, pad_to_multiple=pad_to_multiple, seed=seed,
-                            max_shard_size=max_shard_size)
+                            max_shard_size=max_shard_size, device=device, dtype=dtype)
     log(f"vocab expand: {model} -> {out}")
     results = expand(model, out, options, force=force)
     emit(results, _results_table("vocab expand"))

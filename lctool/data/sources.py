@@ -35,9 +35,10 @@ class WheelSource:
 
 
 def cache_root() -> Path:
-    """`$LCTOOL_CACHE`, else ~/.cache/lctool."""
-    configured = os.environ.get("LCTOOL_CACHE")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "lctool"
+    """`$LCTOOL_CACHE`, else ~/.cache/lctool (lctool.io.cache resolves it)."""
+    from lctool.io.cache import cache_root as resolved
+
+    return Path(resolved())
 
 
 def sha256_hex(data: bytes) -> str:

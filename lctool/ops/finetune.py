@@ -16,8 +16,9 @@ import shutil
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
+from lctool.devices import TrainingComputeOptions
 from lctool.errors import LctoolError, check
 from lctool.io import Checkpoint, CheckpointWriter
 from lctool.train import lora
@@ -28,7 +29,11 @@ DEFAULT_MAX_SEQ_LEN = 1024
 IGNORE_INDEX = -100
 
 
-class FinetuneOptions(BaseModel):
+class FinetuneOptions(TrainingComputeOptions):
+    """`device`: accelerate's device of the training run; `dtype`: its mixed precision (autocast; the
+    adapter and optimizer state stay float32, a merged output keeps the base's dtype; --qlora: also
+    bitsandbytes' compute dtype)."""
+
     model_config = ConfigDict(extra="forbid")
 
     data: str = Field(description="corpus name, name:split, a .txt file, or a .jsonl file")
@@ -234,11 +239,13 @@ def eval_text(options: FinetuneOptions) -> str | None:
 
 
 # ---- model ----------------------------------------------------------------------------------------
-def load_base(checkpoint: Checkpoint, qlora: bool):
+def load_base(checkpoint: Checkpoint, qlora: bool, device: str = "cpu", dtype: str = "float32"):
     check(not checkpoint.is_quantized, f"{checkpoint.path} is already quantized; fine-tune an unquantized model "
                                        "(--qlora quantizes it to nf4 on load)")
     if qlora:
-        return lora.load_nf4(checkpoint.path)
+        from lctool.devices import torch_dtype
+
+        return lora.load_nf4(checkpoint.path, device, torch_dtype(dtype))
     from lctool.io.hf import load_causal_lm
 
     return load_causal_lm(checkpoint.path, dtype=torch.float32)
@@ -254,7 +261,7 @@ def lora_config(checkpoint: Checkpoint, options: FinetuneOptions):
 
 def peft_model(checkpoint: Checkpoint, options: FinetuneOptions):
     config = lora_config(checkpoint, options)
-    return lora.attach(load_base(checkpoint, options.qlora), config, seed=options.seed)
+    return lora.attach(load_base(checkpoint, options.qlora, options.device, options.dtype), config, seed=options.seed)
 
 
 def run_tag(checkpoint: Checkpoint, options: FinetuneOptions, examples: dict) -> dict:
@@ -318,7 +325,8 @@ def finetune(model_path: str, target: str, options: FinetuneOptions, force: bool
         seed=options.seed, grad_checkpointing=options.grad_checkpointing, checkpoint_dir=folder,
         checkpoint_every=options.checkpoint_every, resume=options.resume,
         log_path=options.log or os.path.join(folder, "train_log.jsonl"), eval_every=options.eval_every,
-        progress=progress, description="finetune",
+        progress=progress, description="finetune", device=options.device,
+        mixed_precision=options.mixed_precision,
     )
     data = ShuffledWindows(examples, options.batch, seed=options.seed)
     eval_fn = make_eval_fn(tokenizer, held_out, seq_len, options.eval_tokens) if held_out else None

@@ -54,9 +54,12 @@ class TestbedRecipe(BaseModel):
     weight_decay: float = 0.1
     threads: int = 2
     retrieval_share: float = 0.0  # fraction of training sequences that are synthetic retrieval tasks
+    dtype: str = "float32"  # the training run's mixed precision (float32: none)
 
     def digest(self) -> str:
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]
+        # float32 recipes hash as they did before `dtype` existed: cached testbeds and bench results name them.
+        exclude = {"dtype"} if self.dtype == "float32" else None
+        return hashlib.sha256(self.model_dump_json(exclude=exclude).encode()).hexdigest()[:12]
 
 
 PRESETS: dict[str, TestbedRecipe] = {
@@ -81,19 +84,26 @@ PRESETS: dict[str, TestbedRecipe] = {
 }
 
 
-def recipe_for(preset: str) -> TestbedRecipe:
+def recipe_for(preset: str, dtype: str = "float32") -> TestbedRecipe:
+    """The preset's recipe, trained in `dtype` (another dtype is another testbed, in its own folder)."""
     if preset not in PRESETS:
         raise LctoolError(f"unknown testbed preset {preset!r} (presets: {', '.join(sorted(PRESETS))})")
-    return PRESETS[preset]
+    return PRESETS[preset] if dtype == "float32" else PRESETS[preset].model_copy(update={"dtype": dtype})
 
 
 def testbed_dir_for(recipe: TestbedRecipe) -> str:
     return os.path.join(cache_dir("testbed"), f"{recipe.preset}-{recipe.digest()}")
 
 
-def testbed_path(preset: str = "quick", build: bool = True, log=None) -> str | None:
-    """The cached testbed folder; built first when missing and `build` is true, else None."""
-    recipe = recipe_for(preset)
+def testbed_path(preset: str = "quick", build: bool = True, log=None, device: str = "cpu",
+                 dtype: str = "float32") -> str | None:
+    """The cached testbed folder; built first (training on `device` in `dtype`) when missing and `build`
+    is true, else None. The device does not name the folder: it changes only float rounding."""
+    from lctool.devices import check_device, mixed_precision
+
+    check_device(device)
+    mixed_precision(dtype, device)
+    recipe = recipe_for(preset, dtype)
     path = testbed_dir_for(recipe)
     if os.path.exists(os.path.join(path, "lctool.json")):
         return path
@@ -102,7 +112,7 @@ def testbed_path(preset: str = "quick", build: bool = True, log=None) -> str | N
     # One builder per machine; concurrent callers (pytest-xdist workers) wait for it.
     with _build_lock(path):
         if not os.path.exists(os.path.join(path, "lctool.json")):
-            build_testbed(recipe, path, log=log)
+            build_testbed(recipe, path, log=log, device=device)
     return path
 
 
@@ -219,12 +229,13 @@ def retrieval_mixer(tokenizer, share: float, context: int):
     return mix
 
 
-def build_testbed(recipe: TestbedRecipe, path: str, log=None) -> str:
-    """Train the tokenizer and the model of `recipe` and write them to `path` (atomically)."""
+def build_testbed(recipe: TestbedRecipe, path: str, log=None, device: str = "cpu") -> str:
+    """Train the tokenizer and the model of `recipe` (on `device`) and write them to `path` (atomically)."""
     import torch
     from transformers import LlamaForCausalLM
 
     from lctool.data import corpus_documents
+    from lctool.devices import mixed_precision
     from lctool.io.hf import save_causal_lm
     from lctool.train import TrainConfig, train
 
@@ -255,6 +266,8 @@ def build_testbed(recipe: TestbedRecipe, path: str, log=None) -> str:
             weight_decay=recipe.weight_decay,
             seed=recipe.seed,
             description=f"testbed {recipe.preset}",
+            device=device,
+            mixed_precision=mixed_precision(recipe.dtype, device),
         )
         retrieval = retrieval_mixer(tokenizer, recipe.retrieval_share, recipe.context) if recipe.retrieval_share else None
         result = train(model, training_stream(tokens, recipe, retrieval), config)

@@ -1,7 +1,7 @@
 """Structural pruning: `prune(source, target, options, method="llm-pruner")`.
 
     from lctool.prune import LlmPrunerOptions, prune
-    summary = prune("model", "model-pruned", LlmPrunerOptions(ratio=0.2, importance="taylor-vector"))
+    summary = prune("model", "model-pruned", LlmPrunerOptions(ratio=0.2, importance="taylor-element"))
 
 Methods live in `PRUNE_METHODS` (lctool.prune.methods); see lctool.prune.groups for the coupled
 structures and the GQA choice, lctool.prune.importance for the estimators, lctool.prune.plan for

@@ -82,12 +82,16 @@ def prunable_weight_names(arch: ModelArch, layers: list[int], roles: list[str]) 
 
 
 def collect_gradients(model: torch.nn.Module, names: list[str], windows: torch.Tensor, fisher: bool,
-                      micro_batch: int = 4) -> Gradients:
+                      micro_batch: int = 4, dtype: str = "float32") -> Gradients:
     """Gradients of the mean causal-LM loss over `windows` [n, T] for the named weights.
 
     With `fisher`, every window gets its own backward pass so the squared per-sample gradients
     (the empirical Fisher diagonal) can be averaged too; otherwise windows go in micro-batches.
+    The passes run where the model is, under autocast to `dtype`; the sums are float32 on the CPU.
     """
+    from lctool.devices import autocast
+
+    device = next(model.parameters()).device
     parameters = dict(model.named_parameters())
     wanted = {name: parameters[name] for name in names}
     for parameter in parameters.values():
@@ -101,8 +105,9 @@ def collect_gradients(model: torch.nn.Module, names: list[str], windows: torch.T
     fisher_sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in wanted.items()} if fisher else {}
     grad_sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in wanted.items()}
     for start in range(0, count, step):
-        batch = windows[start : start + step]
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        batch = windows[start : start + step].to(device)
+        with autocast(str(device), dtype):
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
         (loss * (batch.shape[0] / count)).backward()
         for name, parameter in wanted.items():
             grad_sums[name] += parameter.grad.float()
@@ -112,4 +117,4 @@ def collect_gradients(model: torch.nn.Module, names: list[str], windows: torch.T
             parameter.grad = None
     for parameter in wanted.values():
         parameter.requires_grad_(False)
-    return Gradients(grad=grad_sums, fisher=fisher_sums)
+    return Gradients(grad={k: v.cpu() for k, v in grad_sums.items()}, fisher={k: v.cpu() for k, v in fisher_sums.items()})

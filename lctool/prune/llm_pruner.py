@@ -65,7 +65,12 @@ def calibration_gradients(model, tokenizer, arch: ModelArch, options: LlmPrunerO
 
     windows = calibration_batches(tokenizer, options.calib, options.calib_n, options.calib_len, options.seed)
     names = prunable_weight_names(arch, layers, scope_roles(options.scope))
-    return collect_gradients(model, names, windows, fisher=options.importance == "second-order")
+    model.to(options.device)  # a frozen model for one gradient pass, not a training run: no accelerate
+    try:
+        return collect_gradients(model, names, windows, fisher=options.importance == "second-order",
+                                 dtype=options.dtype)
+    finally:
+        model.to("cpu")
 
 
 def score_layers(checkpoint: Checkpoint, options: LlmPrunerOptions, layers: list[int], model, gradients) -> dict:
@@ -170,7 +175,8 @@ def _prune_into(writer: CheckpointWriter, checkpoint: Checkpoint, options: LlmPr
         log(f"recovering: {options.recovery.steps} LoRA steps (rank {options.recovery.rank})")
         from lctool.prune.recover import recover
 
-        pruned, results["recovery"] = recover(pruned, arch_out, tokenizer, options.recovery)
+        pruned, results["recovery"] = recover(pruned, arch_out, tokenizer, options.recovery, device=options.device,
+                                              dtype=options.dtype)
         tensors = model_state_tensors(pruned, config)
     else:
         del model  # the cut is taken from the checkpoint's own tensors, one at a time, in their dtype

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lctool.devices import ComputeOptions, mixed_precision
 from lctool.errors import LctoolError
 
 IMPORTANCE_KINDS = ("taylor-vector", "taylor-element", "second-order", "l1", "l2", "random")
@@ -29,13 +30,18 @@ class RecoveryOptions(BaseModel):
     seed: int = 0
 
 
-class LlmPrunerOptions(BaseModel):
-    """LLM-Pruner: coupled structures, Taylor/second-order/magnitude/random importance, LoRA recovery."""
+class LlmPrunerOptions(ComputeOptions):
+    """LLM-Pruner: coupled structures, Taylor/second-order/magnitude/random importance, LoRA recovery.
+
+    `device`/`dtype`: the calibration forward/backward of the gradient importances (autocast in `dtype`;
+    weights and gradients stay float32) and the recovery's training run (accelerate's mixed precision).
+    Magnitude and random importance without recovery compute on the CPU from the stored tensors.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     ratio: float = Field(gt=0, lt=1, description="fraction of the model's parameters to remove")
-    importance: Literal[IMPORTANCE_KINDS] = "taylor-vector"  # type: ignore[valid-type]
+    importance: Literal[IMPORTANCE_KINDS] = "taylor-element"  # type: ignore[valid-type]
     ranking: Literal["per-layer", "global"] = "per-layer"
     scope: Literal["all", "attn", "mlp"] = "all"
     layers: str | None = Field(None, description="inclusive layer range like 1-2 or 4-30, or 'all' "
@@ -58,6 +64,8 @@ class LlmPrunerOptions(BaseModel):
             raise LctoolError("--uniform keeps every layer alike, which global ranking does not: use --ranking per-layer")
         if self.uniform and self.layers is not None and self.layers.strip() != "all":
             raise LctoolError("--uniform prunes every layer alike: it cannot be combined with --layers")
+        if self.recovery.steps:
+            mixed_precision(self.dtype, self.device)  # the recovery's training run: refused before any work
         return self
 
     @property

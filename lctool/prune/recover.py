@@ -32,14 +32,18 @@ def training_windows(tokenizer, source: str, seq_len: int, tokens_needed: int) -
 
 
 def recover(model: torch.nn.Module, arch: ModelArch, tokenizer, options: RecoveryOptions,
-            progress: bool = True) -> tuple[torch.nn.Module, dict]:
-    """Train LoRA adapters on the pruned model, merge them, and return (merged model, run summary)."""
+            progress: bool = True, device: str = "cpu", dtype: str = "float32") -> tuple[torch.nn.Module, dict]:
+    """Train LoRA adapters on the pruned model on `device` with `dtype` mixed precision, merge them, and
+    return (merged model, run summary)."""
+    from lctool.devices import mixed_precision
+
     needed = options.steps * options.batch_size * options.seq_len
     windows = training_windows(tokenizer, options.data, options.seq_len, needed)
     peft_model = lora.attach(model, lora.peft_config(arch, lora.LoraSpec(rank=options.rank, alpha=options.alpha)))
     config = TrainConfig(
         steps=options.steps, lr=options.lr, warmup_steps=min(options.warmup_steps, options.steps),
         batch_size=options.batch_size, seed=options.seed, progress=progress, description="recovering",
+        device=device, mixed_precision=mixed_precision(dtype, device),
     )
     batches = ShuffledWindows({"input_ids": windows}, batch_size=options.batch_size, seed=options.seed)
     cpu_started = time.process_time()

@@ -90,10 +90,18 @@ def quantize(source: str, target: str, options: QuantizeOptions, *, force: bool 
         if options.method == "aqlm":
             from lctool.quant.aqlm_job import AqlmJob as job_class
         job = job_class(checkpoint, writer, options, roles, calibration, on_layer)
-        summary = job.run()
+        with compute_device(options.device):
+            summary = job.run()
         summary.update(output=writer.target, wall_s=round(time.time() - started, 3), peak_rss_mb=round(peak_rss_mb(), 1))
         writer.results.update(summary)
     return summary
+
+
+def compute_device(device: str):
+    """New tensors of the per-layer math on `device` (the quantizers allocate without naming one)."""
+    import contextlib
+
+    return contextlib.nullcontext() if device == "cpu" else torch.device(device)
 
 
 def calibration_ids(checkpoint: Checkpoint, options: QuantizeOptions) -> torch.Tensor:
@@ -163,7 +171,10 @@ class _Job:
     def run(self) -> dict:
         layers = []
         self._write_model_tensors()
-        stream = LayerStream(self.checkpoint, self.calibration, self.options.batch_size) if self.calibration is not None else None
+        stream = None
+        if self.calibration is not None:
+            stream = LayerStream(self.checkpoint, self.calibration, self.options.batch_size,
+                                 device=self.options.device, dtype=self.options.torch_dtype)
         for index in range(self.arch.num_layers):
             started = time.time()
             modules = self._layer_with_stream(stream, index) if stream else self._layer_rtn(index)
@@ -214,7 +225,7 @@ class _Job:
         tensors = self.checkpoint.layer_tensors(index)
         results = {}
         for role in self.roles:
-            weight = tensors.pop(self.arch.weight(role, index)).float()
+            weight = tensors.pop(self.arch.weight(role, index)).to(self.options.device, torch.float32)
             bias = tensors.pop(self.arch.module(role, index) + ".bias", None)
             result = rtn_quantize(weight, bits=self.bits, group_size=self.options.group, sym=self.symmetric,
                                   min_zero=0 if self.symmetric else 1)
@@ -236,8 +247,8 @@ class _Job:
             hessians = stream.collect_hessians(layer, stage_roles)
             for role in stage_roles:
                 linear = stream.linear(layer, role)
-                weight = linear.weight.detach().clone()
-                tensors.pop(self.arch.weight(role, index))
+                # Rounded from the checkpoint's values, not from the layer's copy in the stream's dtype.
+                weight = tensors.pop(self.arch.weight(role, index)).to(linear.weight.device, torch.float32)
                 bias = tensors.pop(self.arch.module(role, index) + ".bias", None)
                 yield role, linear, weight, hessians[role], bias
             del hessians
@@ -288,7 +299,7 @@ class _Job:
         module = self.arch.module(role, index)
         stored = formats.stored_bits({k: v for k, v in tensors.items() if k != "bias"})
         for key, tensor in tensors.items():
-            self.writer.add_tensor(f"{module}.{key}", tensor)
+            self.writer.add_tensor(f"{module}.{key}", tensor.cpu())
         self.totals["params"] += weight.numel()
         self.totals["stored_bits"] += stored
         self.totals["outliers"] += outliers

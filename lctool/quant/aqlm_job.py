@@ -72,7 +72,7 @@ class AqlmJob(_Job):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.aqlm_settings = settings_from(self.options)
-        self.generator = torch.Generator().manual_seed(self.options.seed)
+        self.generator = torch.Generator(device=self.options.device).manual_seed(self.options.seed)
         self.true_bits = 0
 
     def quant_method(self) -> str:
@@ -121,7 +121,7 @@ class AqlmJob(_Job):
         tensors = aqlm.aqlm_tensors(result, self.aqlm_settings.nbits, module.bias)
         module_name = self.arch.module(role, index)
         for key, tensor in tensors.items():
-            self.writer.add_tensor(f"{module_name}.{key}", tensor)
+            self.writer.add_tensor(f"{module_name}.{key}", tensor.cpu())
         out_f, in_f = weight.shape
         bits = aqlm.true_bits(out_f, in_f, self.aqlm_settings)
         self.totals["params"] += weight.numel()
@@ -185,7 +185,7 @@ def _tuned_rest(tensors: dict[str, torch.Tensor], layer: nn.Module, prefix: str)
     out = {}
     for name, tensor in tensors.items():
         local = name[len(prefix) + 1:]
-        out[name] = state[local].detach().to(tensor.dtype) if local in state else tensor
+        out[name] = state[local].detach().to("cpu", tensor.dtype) if local in state else tensor
     return out
 
 

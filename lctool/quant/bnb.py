@@ -18,12 +18,12 @@ from lctool.io.manifest import peak_rss_mb
 from lctool.quant.options import QuantizeOptions
 
 
-def bnb_config(method: str, skip_modules: list[str]):
+def bnb_config(method: str, skip_modules: list[str], compute_dtype: torch.dtype = torch.float32):
     from transformers import BitsAndBytesConfig
 
     if method == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip_modules)
+                                  bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip_modules)
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
 
 
@@ -61,8 +61,8 @@ def quantize_bnb(checkpoint: Checkpoint, target: str, options: QuantizeOptions, 
     started = time.time()
     model = AutoModelForCausalLM.from_pretrained(
         checkpoint.path,
-        quantization_config=bnb_config(options.method, skip_module_names(checkpoint, options)),
-        device_map="cpu",
+        quantization_config=bnb_config(options.method, skip_module_names(checkpoint, options), options.torch_dtype),
+        device_map={"": options.device},  # bitsandbytes quantizes where the weights are loaded
         dtype=torch.float32,
     )
     with CheckpointWriter(target, operation="quantize", parameters=options.model_dump(), inputs=[checkpoint],

@@ -56,7 +56,8 @@ class HessianCollector:
 
     def __init__(self, modules: dict[str, nn.Linear], stop_after_all: bool = True):
         self.modules = modules
-        self.sums = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float32) for name, m in modules.items()}
+        self.sums = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float32, device=m.weight.device)
+                     for name, m in modules.items()}
         self.rows = dict.fromkeys(modules, 0)
         self.stop_after_all = stop_after_all
         self._seen: set[str] = set()
@@ -86,10 +87,17 @@ class HessianCollector:
 
 
 class LayerStream:
-    """Calibration activations flowing through a checkpoint's decoder layers, one layer at a time."""
+    """Calibration activations flowing through a checkpoint's decoder layers, one layer at a time.
 
-    def __init__(self, checkpoint: Checkpoint, input_ids: torch.Tensor, batch_size: int = 8):
+    The layers run on `device` with their weights and activations in `dtype` (the `--device` /
+    `--dtype` of the command); Hessians are accumulated in float32 whatever `dtype` is.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, input_ids: torch.Tensor, batch_size: int = 8, *,
+                 device: str = "cpu", dtype: torch.dtype = torch.float32):
         self.checkpoint = checkpoint
+        self.device = torch.device(device)
+        self.dtype = dtype
         self.arch = checkpoint.arch
         self.hf_config = hf_config_for(checkpoint)
         self.batch_size = max(1, batch_size)
@@ -99,7 +107,8 @@ class LayerStream:
         del model
         self.rotary = rotary_class(config=self.hf_config)
         seq_len = input_ids.shape[1]
-        self.position_ids = torch.arange(seq_len).unsqueeze(0)
+        self.rotary.to(self.device)
+        self.position_ids = torch.arange(seq_len, device=self.device).unsqueeze(0)
         self.hidden = self._embed(input_ids)
         self.position_embeddings = self.rotary(self.hidden[:1], position_ids=self.position_ids)
 
@@ -110,20 +119,21 @@ class LayerStream:
         hidden = nn.functional.embedding(input_ids, table)
         if self.arch.family.embed_scaled:
             hidden = hidden * math.sqrt(self.arch.hidden_size)
-        return hidden
+        return hidden.to(self.device, self.dtype)
 
     @property
     def num_layers(self) -> int:
         return self.arch.num_layers
 
     def load_layer(self, index: int, tensors: dict[str, torch.Tensor] | None = None) -> nn.Module:
-        """The stock decoder layer `index` in float32, holding the checkpoint's weights (or `tensors`)."""
+        """The stock decoder layer `index` on the stream's device and in its dtype, holding the checkpoint's
+        weights (or `tensors`)."""
         with torch.device("meta"):
             layer = self.layer_class(self.hf_config, layer_idx=index)
-        layer = layer.to_empty(device="cpu")
+        layer = layer.to_empty(device=self.device).to(self.dtype)
         prefix = self.arch.layer_prefix(index) + "."
         tensors = tensors if tensors is not None else self.checkpoint.layer_tensors(index)
-        state = {name[len(prefix):]: t.float() for name, t in tensors.items()}
+        state = {name[len(prefix):]: t.to(self.dtype) if t.is_floating_point() else t for name, t in tensors.items()}
         missing, unexpected = layer.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise LctoolError(f"layer {index}: tensors do not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")

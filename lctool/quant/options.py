@@ -5,14 +5,21 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
+
+from lctool.devices import ComputeOptions
 
 METHODS = ("rtn", "gptq", "spqr", "nf4", "int8", "aqlm")
 DEFAULT_BITS = {"rtn": 4, "gptq": 4, "spqr": 3}
 DEFAULT_GROUP = {"rtn": 128, "gptq": 128, "spqr": 16}
 
 
-class QuantizeOptions(BaseModel):
+class QuantizeOptions(ComputeOptions):
+    """`device`: where the calibration forward and the per-layer solves run; `dtype`: the calibration
+    forward's weights and activations (Hessians stay float32, the GPTQ/SpQR solves float32/float64,
+    weights are rounded from their float32 values; nf4: bitsandbytes' compute dtype). The output's
+    format fixes its own dtypes."""
+
     model_config = ConfigDict(extra="forbid")
 
     method: Literal["rtn", "gptq", "spqr", "nf4", "int8", "aqlm"]

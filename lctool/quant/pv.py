@@ -33,9 +33,10 @@ import time
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 from torch import nn
 
+from lctool.devices import TrainingComputeOptions
 from lctool.errors import LctoolError, check
 from lctool.io import Checkpoint, CheckpointWriter
 from lctool.quant import aqlm
@@ -44,7 +45,9 @@ from lctool.quant.aqlm_job import AqlmLinear, load_aqlm_reference
 KL_WINDOWS = 16  # calibration windows the before/after KL is measured on
 
 
-class PvOptions(BaseModel):
+class PvOptions(TrainingComputeOptions):
+    """`dtype`: the autocast of the tuning steps (the student's parameters and the teacher stay float32)."""
+
     model_config = ConfigDict(extra="forbid")
 
     method: Literal["pv", "ste"]
@@ -61,6 +64,13 @@ class PvOptions(BaseModel):
     seed: int = 0
     checkpoint_every: int = Field(0, ge=0, description="0: only when interrupted")
     resume: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def _cpu_only(cls, value: str) -> str:
+        # The teacher, the code-update state and the KL windows live on the CPU; nothing moves them yet.
+        check(value == "cpu", f"--pv-tune runs on cpu only (not {value})")
+        return value
 
 
 # ---- the tuned linear --------------------------------------------------------------------------------
@@ -358,7 +368,8 @@ def tune(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, options: PvO
     before = mean_kl(student, teacher, kl_ids, options.batch)
     codes = CodeUpdates(student, options)
     config = TrainConfig(steps=options.steps, lr=options.lr, schedule="constant", batch_size=options.batch,
-                         weight_decay=0.0, seed=options.seed, checkpoint_dir=checkpoint_dir,
+                         weight_decay=0.0, seed=options.seed, checkpoint_dir=checkpoint_dir, device=options.device,
+                         mixed_precision=options.mixed_precision,
                          checkpoint_every=options.checkpoint_every, resume=options.resume, log_path=log_path,
                          progress=progress, description=f"{options.method}-tune")
     data = ShuffledWindows({"input_ids": ids}, options.batch, seed=options.seed)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator, model_validator
 
 
 class TrainConfig(BaseModel):
@@ -27,10 +27,13 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    lr_scales: dict[str, PositiveFloat] = Field(default_factory=dict, description="name fragment -> lr multiplier "
+                                        "for the parameters whose name contains it (e.g. a small module's own lr)")
     betas: tuple[float, float] = (0.9, 0.95)
     max_grad_norm: float = Field(1.0, ge=0, description="0 turns clipping off")
     seed: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    device: str = Field("auto", validate_default=True, description="auto: cuda if present (accelerate's device per process), else cpu; cpu forces accelerate's CPU mode; cuda/cuda:N/mps are accelerate's device")
     grad_checkpointing: bool = False
     checkpoint_dir: str | None = None
     checkpoint_every: int = Field(0, ge=0, description="0: only when interrupted")
@@ -48,6 +51,13 @@ class TrainConfig(BaseModel):
     progress: bool = True
     description: str = "train"
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        from lctool.devices import check_device
+
+        return check_device(value)
+
     @model_validator(mode="after")
     def _checks(self) -> TrainConfig:
         if self.warmup_steps > self.steps:
@@ -56,6 +66,10 @@ class TrainConfig(BaseModel):
             raise ValueError("resume needs a checkpoint_dir")
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError("checkpoint_every needs a checkpoint_dir")
+        if self.mixed_precision == "fp16" and self.device == "cpu":
+            from lctool.devices import mixed_precision
+
+            mixed_precision("float16", "cpu")  # the one-line refusal: accelerate would train in float32
         return self
 
 

@@ -58,12 +58,18 @@ def lr_multiplier(config: TrainConfig):
 
 
 def make_optimizer(named_parameters: list[tuple[str, torch.nn.Parameter]], config: TrainConfig):
-    # Matrices decay; vectors (norms, biases) do not, the usual AdamW practice.
-    decay = [p for _, p in named_parameters if p.dim() >= 2]
-    no_decay = [p for _, p in named_parameters if p.dim() < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, foreach=True)
+    # Matrices decay; vectors (norms, biases) do not, the usual AdamW practice. A parameter whose name
+    # contains a key of `lr_scales` trains at lr × that scale (the first key that matches).
+    def scale_of(name: str) -> float:
+        return next((scale for key, scale in config.lr_scales.items() if key in name), 1.0)
+
+    groups = []
+    for scale in dict.fromkeys([1.0, *config.lr_scales.values()]):
+        chosen = [(n, p) for n, p in named_parameters if scale_of(n) == scale]
+        groups += [{"params": [p for _, p in chosen if p.dim() >= 2], "weight_decay": config.weight_decay,
+                    "lr": config.lr * scale},
+                   {"params": [p for _, p in chosen if p.dim() < 2], "weight_decay": 0.0, "lr": config.lr * scale}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas, foreach=True)
 
 
 class StopSignals:
@@ -132,6 +138,25 @@ def _progress(config: TrainConfig, enabled: bool):
     return progress(transient=True)
 
 
+def make_accelerator(config: TrainConfig):
+    """accelerate on `config.device`: cpu is accelerate's cpu=True (also what makes it run several CPU
+    processes, gloo, under torchrun or `accelerate launch`); cuda is accelerate's device for this
+    process (its local rank under a launcher), cuda:N picks that GPU for a single process; mps is
+    what accelerate picks on a Mac."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    device = config.device
+    if device.startswith("cuda:"):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise LctoolError(f"--device {device}: under a launcher each process takes its own GPU; pass --device cuda")
+        torch.cuda.set_device(int(device.split(":")[1]))
+    # accelerate keeps one mixed precision per process and refuses another; each lctool run (the Python
+    # API may make several, with different dtypes) sets its own. The process group (PartialState) stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=config.mixed_precision, cpu=device == "cpu")
+
+
 def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -156,9 +181,8 @@ def train(model: torch.nn.Module, batches, config: TrainConfig, *, loss_fn=None,
     `extra_state` (an object with state_dict() -> {name: tensor} and load_state_dict(dict)) holds what
     training changes outside the trainable parameters; it is saved with checkpoints and restored on resume.
     `tag` is stored with checkpoints and must match on resume (e.g. which base model was trained).
-    The model is left in eval mode; with `TrainingInterrupted` (SIGINT/SIGTERM) after saving a checkpoint.
+    The model is left in eval mode (on the CPU, see `_back_to_cpu`); with `TrainingInterrupted` (SIGINT/SIGTERM) after saving a checkpoint.
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     loss_fn = loss_fn or config.loss_fn or causal_lm_loss
@@ -169,9 +193,7 @@ def train(model: torch.nn.Module, batches, config: TrainConfig, *, loss_fn=None,
     tag = dict(tag or {})
     if config.eval_every and eval_fn is None:
         raise ValueError("eval_every needs an eval_fn")
-    # cpu=True on CUDA-less machines is what makes accelerate run several CPU processes (gloo)
-    # under torchrun or `accelerate launch --multi_gpu`; one process is unaffected.
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(config)
     set_seed(config.seed)
 
     if config.checkpoint_dir and accelerator.distributed_type.name == "FSDP":
@@ -261,9 +283,17 @@ def train(model: torch.nn.Module, batches, config: TrainConfig, *, loss_fn=None,
         result.peak_rss_mb = peak_rss_mb()
         restore_model()
         unwrapped.eval()
+        _back_to_cpu(accelerator, unwrapped)
     if result.interrupted:
         raise TrainingInterrupted(result)
     return result
+
+
+def _back_to_cpu(accelerator, model) -> None:
+    """A model trained on a GPU goes back to the CPU, where lctool's writers read tensors from; bitsandbytes
+    models cannot move (their adapters are small, and safetensors copies them when saving)."""
+    if accelerator.device.type != "cpu" and getattr(model, "hf_quantizer", None) is None:
+        model.to("cpu")
 
 
 def _training_mode(model, grad_checkpointing: bool):

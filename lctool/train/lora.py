@@ -97,21 +97,22 @@ def save_adapter(model, folder: str, base_path: str) -> None:
 
 
 # ---- QLoRA ----------------------------------------------------------------------------------------
-def nf4_config():
+def nf4_config(compute_dtype: torch.dtype = torch.float32):
     from transformers import BitsAndBytesConfig
 
     # Double quantization also avoids a bitsandbytes CPU save bug (see docs: stock formats).
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.float32)
+                              bnb_4bit_compute_dtype=compute_dtype)
 
 
-def load_nf4(path: str) -> torch.nn.Module:
-    """The model at `path` quantized to nf4 on load, prepared for training adapters on it."""
+def load_nf4(path: str, device: str = "cpu", compute_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The model at `path` quantized to nf4 on load on `device` (bitsandbytes quantizes where the weights
+    land; a 4-bit model cannot move afterwards), prepared for training adapters on it."""
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4_config(), dtype=torch.float32,
-                                                 device_map="cpu" if not torch.cuda.is_available() else None)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4_config(compute_dtype),
+                                                 dtype=torch.float32, device_map={"": device})
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 

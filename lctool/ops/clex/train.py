@@ -1,10 +1,17 @@
 """Training CLEX on the shared loop and writing a checkpoint that ships its modeling code.
 
 Per optimizer step (the `before_step` hook): t is drawn uniformly from {1, …, t_max}; the rotary
-embedding integrates the ODE to t; the batch keeps its L0 tokens and, as in the paper's reference
-code, reads them at sorted random positions spanning [0, t·L0) (0 and t·L0−1 always included), so the
-model sees the rotation angles of length t·L0 while training at L0. With `clex_sample_positions`
-off the positions stay 0 … L0−1.
+embedding integrates the ODE to t; the batch keeps its L0 tokens and reads them at positions spanning
+[0, t·L0), so the model sees the rotation angles of length t·L0 while training at L0
+(`clex_positions`):
+- "runs" (default): the L0 tokens in runs of `clex_run_length` consecutive positions, the runs in
+  order at random places in [0, t·L0), the first at 0. Neighbouring tokens stay one position apart,
+  as they are at inference, while the gaps between runs show the long distances of length t·L0.
+- "sampled": the paper's reference code, L0 sorted random positions in [0, t·L0) (0 and t·L0−1
+  always included). Neighbours are then ~t positions apart, which inference never shows: on a short
+  budget the ODE learns to shrink every frequency towards position interpolation to undo those gaps,
+  and ppl at 4·L0 gets worse than untrained (bench/results/extend.md).
+- "consecutive": 0 … L0−1 (only distances below L0 are ever seen).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Literal
 
 import torch
 
@@ -64,7 +72,8 @@ class ClexAugmentation:
     t_max: int
     seed: int = 0
     rank: int = 0
-    sample_positions: bool = True
+    mode: Literal["runs", "sampled", "consecutive"] = "runs"
+    run_length: int = 32
     history: list[tuple[int, int]] = field(default_factory=list)  # (step, t)
     _step: int = -1
     _micro: int = 0
@@ -73,26 +82,54 @@ class ClexAugmentation:
         return torch.Generator().manual_seed(hash((self.seed, step, self._micro, *extra)) & 0x7FFF_FFFF_FFFF_FFFF)
 
     def positions(self, t: int, rows: int, length: int, generator: torch.Generator) -> torch.Tensor:
-        if t == 1 or not self.sample_positions:
+        if t == 1 or self.mode == "consecutive":
             return torch.arange(length).expand(rows, length).clone()
         span = t * self.original_length
-        chosen = []
-        for _ in range(rows):
-            inner = torch.randperm(span - 2, generator=generator)[: length - 2].sort().values + 1
-            chosen.append(torch.cat([torch.tensor([0]), inner, torch.tensor([span - 1])]))
-        return torch.stack(chosen)
+        if self.mode == "sampled":
+            return torch.stack([self._sampled(span, length, generator) for _ in range(rows)])
+        return torch.stack([self._runs(span, length, generator) for _ in range(rows)])
+
+    @staticmethod
+    def _sampled(span: int, length: int, generator: torch.Generator) -> torch.Tensor:
+        inner = torch.randperm(span - 2, generator=generator)[: length - 2].sort().values + 1
+        return torch.cat([torch.tensor([0]), inner, torch.tensor([span - 1])])
+
+    def _runs(self, span: int, length: int, generator: torch.Generator) -> torch.Tensor:
+        """Runs of `run_length` consecutive positions (the last run takes the remainder); run j starts
+        at its place in 0 … L0−1 plus the j-th of sorted random shifts in [0, span − length]."""
+        starts = torch.arange(0, length, self.run_length)
+        shifts = torch.randint(0, span - length + 1, (starts.numel() - 1,), generator=generator).sort().values
+        shift_of_run = torch.cat([torch.zeros(1, dtype=torch.long), shifts])
+        run_index = torch.arange(length) // self.run_length
+        return torch.arange(length) + shift_of_run[run_index]
 
     def __call__(self, step: int, model, batch: dict) -> dict:
         self._micro = self._micro + 1 if step == self._step else 0
         self._step = step
         t = int(torch.randint(1, self.t_max + 1, (1,), generator=self._generator(step)))
         input_ids = batch["input_ids"]
-        positions = self.positions(t, input_ids.shape[0], input_ids.shape[1], self._generator(step, self.rank + 1))
+        rows, width = input_ids.shape
+        length = min(width, self.original_length)
+        generator = self._generator(step, self.rank + 1)
+        positions = self.positions(t, rows, length, generator)
         for rotary in self.rotaries:
             rotary.time_override = t
         self.history.append((step, t))
         # An explicit mask: without one, transformers reads non-consecutive positions as packed sequences.
-        return {**batch, "position_ids": positions, "attention_mask": torch.ones_like(input_ids)}
+        out = {**batch, "position_ids": positions, "attention_mask": torch.ones(rows, length, dtype=torch.long)}
+        if width > length:
+            out.update(self._tokens_at(input_ids, positions, t * self.original_length, generator))
+        return out
+
+    @staticmethod
+    def _tokens_at(long_rows: torch.Tensor, positions: torch.Tensor, span: int, generator) -> dict:
+        """Rows longer than L0: each row's tokens at `positions` of a random span of it, so a gap in
+        positions is a gap in the text; the token after a gap is not the next token, so it is no label."""
+        starts = torch.randint(0, long_rows.shape[1] - span + 1, (long_rows.shape[0], 1), generator=generator)
+        input_ids = long_rows.gather(1, starts + positions)
+        labels = input_ids.clone()
+        labels[:, 1:][positions[:, 1:] - positions[:, :-1] != 1] = -100
+        return {"input_ids": input_ids, "labels": labels}
 
 
 def build_clex_model(checkpoint, original: OriginalRope, settings: dict):
@@ -100,6 +137,12 @@ def build_clex_model(checkpoint, original: OriginalRope, settings: dict):
     model = load_unscaled_model(checkpoint, original)
     rotaries = modeling_clex.install_clex_rotary(model, SimpleNamespace(clex=settings))
     return model, rotaries
+
+
+def ode_lr_scales(model, rotaries: list, scale: float) -> dict[str, float]:
+    """The ODE's own learning rate, by the module names of its parameters (kept inside a LoRA wrapper's names)."""
+    names = {name for name, module in model.named_modules() if any(module is r.dynamics for r in rotaries)}
+    return {f"{name}.": scale for name in sorted(names)}
 
 
 def train_clex(plan, target: str, options: ExtendOptions, force: bool) -> str:
@@ -110,14 +153,17 @@ def train_clex(plan, target: str, options: ExtendOptions, force: bool) -> str:
     settings = clex_settings(original, rotary_dim(checkpoint.arch), lengths, options, t_max)
     model, rotaries = build_clex_model(checkpoint, original, settings)
     training = options.training
-    windows = training_windows(load_tokenizer(checkpoint.path), training.corpus, lengths.original,
+    row_length = t_max * lengths.original if options.clex_long_text else lengths.original
+    windows = training_windows(load_tokenizer(checkpoint.path), training.corpus, row_length,
                                training.steps * training.batch_size * training.grad_accum)
     hook = ClexAugmentation(rotaries, lengths.original, t_max, seed=training.seed, rank=process_rank(),
-                            sample_positions=options.clex_sample_positions)
+                            mode=options.clex_positions, run_length=options.clex_run_length)
     try:
         model, summary = run_training(model, checkpoint.arch, windows, options, hook, "clex",
-                                      tag={"method": "clex", "input": checkpoint.path, "t_max": t_max},
-                                      also_train=[rotary.dynamics for rotary in rotaries])
+                                      tag={"method": "clex", "input": checkpoint.path, "t_max": t_max,
+                                           "ode_lr_scale": options.clex_ode_lr_scale},
+                                      also_train=[rotary.dynamics for rotary in rotaries],
+                                      lr_scales=ode_lr_scales(model, rotaries, options.clex_ode_lr_scale))
     finally:
         for rotary in rotaries:
             rotary.time_override = None

@@ -27,13 +27,13 @@ def unscaled_config(config: dict, original: OriginalRope) -> dict:
     return out
 
 
-def load_unscaled_model(checkpoint: Checkpoint, original: OriginalRope):
-    """The input as a float32 stock model whose RoPE is the pre-trained one."""
+def load_unscaled_model(checkpoint: Checkpoint, original: OriginalRope, dtype: torch.dtype = torch.float32):
+    """The input as a stock model (float32 unless `dtype`) whose RoPE is the pre-trained one."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config_dict = unscaled_config(checkpoint.config, original)
     config = AutoConfig.for_model(**config_dict)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint.path, config=config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint.path, config=config, dtype=dtype)
     return model
 
 
@@ -52,21 +52,24 @@ def training_windows(tokenizer, source: str, length: int, needed: int) -> torch.
     return windows
 
 
-def train_config(training: TrainingOptions, description: str, extra_groups: bool = False):
-    return TrainConfig(
+def train_config(training: TrainingOptions, description: str, lr_scales: dict[str, float] | None = None):
+    return TrainConfig(lr_scales=lr_scales or {},
         steps=training.steps, lr=training.lr, warmup_steps=min(training.warmup_steps, training.steps),
         batch_size=training.batch_size, grad_accum=training.grad_accum, weight_decay=training.weight_decay,
         max_grad_norm=training.max_grad_norm, seed=training.seed, grad_checkpointing=training.grad_checkpointing,
         checkpoint_dir=training.checkpoint_dir, checkpoint_every=training.checkpoint_every or 0,
-        resume=training.resume, log_path=training.log_path, description=description,
+        resume=training.resume, log_path=training.log_path, description=description, device=training.device,
+        mixed_precision=training.mixed_precision,
     )
 
 
 def run_training(model, arch, windows: torch.Tensor, options: ExtendOptions, before_step, description: str,
-                 tag: dict, loss_fn=None, also_train: list[torch.nn.Module] | None = None):
+                 tag: dict, loss_fn=None, also_train: list[torch.nn.Module] | None = None,
+                 lr_scales: dict[str, float] | None = None):
     """Train on the shared loop, with `lora_rank` a LoRA adapter on the attention projections (then merged),
-    else every weight; `also_train` modules are trained whole beside the adapter. Returns the trained
-    model and the run's summary for the manifest."""
+    else every weight; `also_train` modules are trained whole beside the adapter; `lr_scales` gives
+    parameters whose name contains a key lr × its value. Returns the trained model and the run's summary
+    for the manifest."""
     training = options.training
     trainable = model
     if training.lora_rank:
@@ -76,7 +79,7 @@ def run_training(model, arch, windows: torch.Tensor, options: ExtendOptions, bef
             module.requires_grad_(True)  # peft froze everything but the adapter
     batches = ShuffledWindows({"input_ids": windows}, batch_size=training.batch_size, seed=training.seed)
     cpu_started = time.process_time()
-    result = train(trainable, batches, train_config(training, description), before_step=before_step,
+    result = train(trainable, batches, train_config(training, description, lr_scales), before_step=before_step,
                    loss_fn=loss_fn, tag=tag)
     summary = result.summary()
     summary.pop("evals", None)

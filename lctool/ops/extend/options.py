@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lctool.devices import TrainingComputeOptions
+
 TRAINING_FREE_METHODS = ("linear", "ntk", "dynamic", "yarn", "llama3", "longrope")
 TRAINED_METHODS = ("e2llm", "clex")
 METHODS = TRAINING_FREE_METHODS + TRAINED_METHODS
@@ -13,8 +15,11 @@ METHODS = TRAINING_FREE_METHODS + TRAINED_METHODS
 Method = Literal["linear", "ntk", "dynamic", "yarn", "llama3", "longrope", "e2llm", "clex"]
 
 
-class TrainingOptions(BaseModel):
-    """The short fine-tune behind E²-LLM and CLEX (always at the original length L0)."""
+class TrainingOptions(TrainingComputeOptions):
+    """The short fine-tune behind E²-LLM and CLEX (always at the original length L0).
+
+    `device`/`dtype`: accelerate's device and mixed precision of the run (weights and optimizer state
+    stay float32; the output is written in the input's dtypes)."""
 
     model_config = ConfigDict(extra="forbid")
     corpus: str = Field("wiki", description="text source: corpus name, name:split, or a .txt file")
@@ -58,7 +63,11 @@ class ExtendOptions(BaseModel):
     t_max: int | None = Field(None, ge=1, le=1024, description="CLEX: largest sampled ODE time (default ceil(L/L0))")
     clex_hidden_factor: int = Field(4, ge=1, le=64, description="CLEX: MLP width as a multiple of the rotary dim")
     clex_step_size: float = Field(0.1, gt=0, le=1.0, description="CLEX: RK4 step in t")
-    clex_sample_positions: bool = Field(True, description="CLEX: train on sorted random positions in [0, t·L0)")
+    clex_positions: Literal["runs", "sampled", "consecutive"] = Field(
+        "runs", description="CLEX: positions of the L0 training tokens in [0, t·L0) (see lctool.ops.clex.train)")
+    clex_ode_lr_scale: float = Field(0.01, gt=0, le=1, description="CLEX: the ODE's learning rate as a fraction of lr")
+    clex_long_text: bool = Field(False, description="CLEX: read the training tokens at their positions of t·L0-token text")
+    clex_run_length: int = Field(32, ge=1, description="CLEX: consecutive positions per run (clex_positions='runs')")
 
     @model_validator(mode="after")
     def _check(self) -> ExtendOptions:

@@ -9,8 +9,9 @@ winner is written exactly like an unsearched run, with the candidates' table in 
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
+from lctool.devices import ComputeOptions
 from lctool.errors import check
 from lctool.ops.extend.options import ExtendOptions
 from lctool.ops.extend.scaling import Lengths, OriginalRope, expected_frequencies, scaled_rope
@@ -22,7 +23,10 @@ SHAPE_GRID = {
 }
 
 
-class SearchOptions(BaseModel):
+class SearchOptions(ComputeOptions):
+    """`device`/`dtype`: where and in what dtype the candidates' perplexities are measured (weights and
+    activations)."""
+
     model_config = ConfigDict(extra="forbid")
     corpus: str = Field("wiki:calib", description="held-out text source")
     max_tokens: int = Field(8192, ge=16)
@@ -44,7 +48,7 @@ def search_scaling(checkpoint, original: OriginalRope, lengths: Lengths, options
     from lctool.ops.extend.rotary import RotaryOverride
 
     search = search or SearchOptions()
-    model = load_unscaled_model(checkpoint, original).eval()
+    model = load_unscaled_model(checkpoint, original, search.torch_dtype).to(search.device).eval()
     tokenizer = load_tokenizer(checkpoint.path)
     text = load_text_source(search.corpus, split="calib")
     tried = []

@@ -7,8 +7,9 @@ import os
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
+from lctool.devices import DTYPES, ComputeOptions
 from lctool.errors import LctoolError
 from lctool.ops.vocab.bpe import ByteLevelBpe, Merge, byte_level_text
 from lctool.ops.vocab.checkpoint import open_for_vocab, padded_rows, write_vocab_checkpoint
@@ -20,7 +21,12 @@ REPORTED_EXAMPLES = 12
 FERTILITY_SAMPLE_CHARS = 1_000_000  # of the learning text, for the tokens-per-character report
 
 
-class ExpandOptions(BaseModel):
+class ExpandOptions(ComputeOptions):
+    """`device`/`dtype`: where and in what precision the new rows are computed (the padding rows' mean
+    too); the matrices keep their dtype and old rows are copied exactly. align's auxiliary embedding (a
+    sparse SVD of corpus co-occurrences) is computed on the CPU in float32."""
+
+    ALLOWED_DTYPES = (*DTYPES, "float64")
     model_config = ConfigDict(extra="forbid")
     corpus: str | None = Field(None, description="text to learn merges from: corpus name, name:split, or a .txt file")
     split: str = Field("train", description="split of a named corpus")
@@ -108,14 +114,14 @@ def row_builder(bpe: ByteLevelBpe, merges: list[Merge], ids: list[int], num_rows
     new_tokens = [a + b for a, b in merges]
 
     def build(role: str, old: torch.Tensor) -> torch.Tensor:
-        real_rows = old[: bpe.size].float()
-        out = torch.empty(num_rows, old.shape[1], dtype=torch.float32)
-        out[: old.shape[0]] = old.float()
-        out[old.shape[0]:] = real_rows.mean(dim=0)
+        real_rows = old[: bpe.size].to(options.device, options.torch_dtype)
+        out = torch.empty(num_rows, old.shape[1], dtype=old.dtype)
+        out[: old.shape[0]] = old
+        out[old.shape[0]:] = real_rows.mean(dim=0).to("cpu", old.dtype)
         if new_tokens:
             rows = new_rows(options.init, real_rows, new_tokens, parts, bpe.vocab, options.seed, align)
-            out[torch.tensor(ids)] = rows
-        return out.to(old.dtype)
+            out[torch.tensor(ids)] = rows.to("cpu", old.dtype)
+        return out
 
     return build
 

@@ -47,17 +47,17 @@ def merge_rows(old: torch.Tensor, new_tokens: list[str], parts: dict[str, Merge]
 
 
 def random_rows(old: torch.Tensor, count: int, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(count, old.shape[1], generator=generator, dtype=torch.float32)
-    return old.mean(dim=0) + noise * old.std(dim=0)
+    generator = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same rows on every device
+    noise = torch.randn(count, old.shape[1], generator=generator, dtype=torch.float32, device="cpu")
+    return old.mean(dim=0) + noise.to(old.device, old.dtype) * old.std(dim=0)
 
 
 def mixed_rows(old: torch.Tensor, weights: list[dict[int, float]]) -> torch.Tensor:
     """Row i = sum of weights[i][j] * old[j]."""
     rows = []
     for mix in weights:
-        ids = torch.tensor(list(mix), dtype=torch.long)
-        w = torch.tensor(list(mix.values()), dtype=torch.float32)
+        ids = torch.tensor(list(mix), dtype=torch.long, device=old.device)
+        w = torch.tensor(list(mix.values()), dtype=old.dtype, device=old.device)
         rows.append((w[:, None] * old[ids]).sum(dim=0))
     return torch.stack(rows)
 
@@ -71,7 +71,7 @@ def new_rows(
     seed: int,
     align_weights: list[dict[int, float] | None] | None = None,
 ) -> torch.Tensor:
-    """Float32 rows for `new_tokens` (in id order) from the old rows `old` (float32).
+    """Rows for `new_tokens` (in id order) from the old rows `old`, on its device and in its dtype.
 
     `align_weights[k]` mixes old rows for new token k; None there falls back to `mean`.
     """

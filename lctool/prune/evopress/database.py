@@ -191,8 +191,10 @@ def open_database(path: str, description: dict, checkpoint: Checkpoint, levels: 
 
 
 def prepare(path: str | None, description: dict, checkpoint: Checkpoint, levels: list[Fraction],
-            calibration: Callable[[], torch.Tensor] | None, log: Log, batch_size: int = 8) -> LevelDatabase:
-    """Open the database at `path` (default: the cache) or build it there first."""
+            calibration: Callable[[], torch.Tensor] | None, log: Log, batch_size: int = 8,
+            device: str = "cpu") -> LevelDatabase:
+    """Open the database at `path` (default: the cache) or build it there first (the calibration forward
+    on `device`, in the dtype its settings name, float32 by default)."""
     path = os.path.abspath(path or default_location(description))
     if os.path.isfile(os.path.join(path, MANIFEST)):
         database = open_database(path, description, checkpoint, levels)
@@ -215,27 +217,32 @@ def prepare(path: str | None, description: dict, checkpoint: Checkpoint, levels:
         os.makedirs(path)
         _write_json(os.path.join(path, BUILDING), description)
         log(f"level database: building {description['method']} levels {', '.join(description['levels'])} in {path}")
-    _build(path, description, checkpoint, [Fraction(v) for v in description["levels"]], calibration, log, batch_size)
+    _build(path, description, checkpoint, [Fraction(v) for v in description["levels"]], calibration, log, batch_size,
+           device)
     _write_json(os.path.join(path, MANIFEST), description)
     os.remove(os.path.join(path, BUILDING))
     return open_database(path, description, checkpoint, levels)
 
 
 def _build(path: str, description: dict, checkpoint: Checkpoint, levels: list[Fraction],
-           calibration: Callable[[], torch.Tensor] | None, log: Log, batch_size: int) -> None:
+           calibration: Callable[[], torch.Tensor] | None, log: Log, batch_size: int, device: str = "cpu") -> None:
+    from lctool.devices import torch_dtype
+    from lctool.quant.api import compute_device
     from lctool.quant.engine import LayerStream
 
     arch = checkpoint.arch
     method = description["method"]
     stream = None
     if method != "magnitude":
-        stream = LayerStream(checkpoint, calibration(), batch_size)
+        dtype = torch_dtype(description["settings"].get("dtype", "float32"))
+        stream = LayerStream(checkpoint, calibration(), batch_size, device=device, dtype=dtype)
     for index in range(arch.num_layers):
         target = os.path.join(path, layer_file(index))
         layer = stream.load_layer(index) if stream is not None else None
         if not os.path.exists(target):
             started = time.time()
-            tensors = _layer_levels(checkpoint, description, levels, index, stream, layer)
+            with compute_device(device):
+                tensors = _layer_levels(checkpoint, description, levels, index, stream, layer)
             _save_atomic(tensors, target)
             log(f"level database: layer {index + 1}/{arch.num_layers} ({len(tensors)} tensors, "
                 f"{time.time() - started:.1f} s)")
@@ -248,7 +255,7 @@ def _save_atomic(tensors: dict[str, torch.Tensor], target: str) -> None:
     from safetensors.torch import save_file
 
     tmp = f"{target}.tmp-{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+    save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
     os.replace(tmp, target)
 
 
@@ -265,7 +272,7 @@ def _layer_levels(checkpoint: Checkpoint, description: dict, levels: list[Fracti
     for role in LINEAR_ROLES:
         module = arch.module(role, index)
         source_dtype = checkpoint.entry(module + ".weight").torch_dtype
-        weight = checkpoint.get(module + ".weight", dtype=torch.float32)
+        weight = checkpoint.get(module + ".weight", dtype=torch.float32).to(stream.device if stream else "cpu")
         for level in levels:
             name = f"{module}@{level_label(level)}"
             if method == "magnitude":

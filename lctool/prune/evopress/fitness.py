@@ -123,5 +123,5 @@ class WeightApplier:
                 continue
             linear = self.model.get_submodule(unit)
             with torch.no_grad():
-                linear.weight.copy_(self.database.weight(unit, level).to(linear.weight.dtype))
+                linear.weight.copy_(self.database.weight(unit, level).to(linear.weight.device, linear.weight.dtype))
             self.current[unit] = level

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from lctool.devices import ComputeOptions
 
 DEFAULT_SPARSITY_LEVELS = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"
 
@@ -21,8 +23,11 @@ def _numbers(value, what: str) -> list[str]:
     return out
 
 
-class SearchOptions(BaseModel):
-    """The evolutionary search and its calibration data (shared by every space)."""
+class SearchOptions(ComputeOptions):
+    """The evolutionary search and its calibration data (shared by every space).
+
+    `device`/`dtype`: where and in what precision the level database's calibration forward (its
+    Hessians stay float32) and every fitness forward of the search run."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -101,7 +101,13 @@ def search_fingerprint(options: SearchOptions, what: dict) -> dict:
     """Everything that decides the search's path except the number of generations (a rerun may extend it)."""
     keys = ("offspring", "selection_tokens", "survivors", "max_switches", "initial_candidates", "calib", "calib_n",
             "calib_len", "seed")
-    return {**what, **{k: getattr(options, k) for k in keys}}
+    return {**what, **{k: getattr(options, k) for k in keys}, **compute_key(options)}
+
+
+def compute_key(options: SearchOptions) -> dict:
+    """The compute dtype changes Hessians and KL values, so it keys databases and search states; float32,
+    the default, adds nothing (keys made before --dtype existed stay valid). The device does not key them."""
+    return {} if options.dtype == "float32" else {"dtype": options.dtype}
 
 
 def _plan(options: SearchOptions, num_windows: int) -> SearchPlan:
@@ -165,10 +171,10 @@ def _summary(space: SearchSpace, state: dict, options: SearchOptions, started: f
     }
 
 
-def _load_model(checkpoint: Checkpoint) -> torch.nn.Module:
+def _load_model(checkpoint: Checkpoint, options: SearchOptions) -> torch.nn.Module:
     from lctool.io.hf import load_causal_lm
 
-    return load_causal_lm(checkpoint.path, dtype=torch.float32)
+    return load_causal_lm(checkpoint.path, dtype=options.torch_dtype).to(options.device)
 
 
 # ---- prune --method evopress --------------------------------------------------------------------------
@@ -191,7 +197,7 @@ def run_evopress_prune(source: str, target: str, options: EvoPressPruneOptions, 
                     "model": db.model_identity(checkpoint)}
             fingerprint = search_fingerprint(options, what)
             state_path = _state_path(options, None if options.state else cache_dir("evopress"), fingerprint)
-            model = _load_model(checkpoint)
+            model = _load_model(checkpoint, options)
             applier = BlockApplier(model, checkpoint.arch, space)
             state = run_search(space, model, applier.apply, windows, options, state_path, fingerprint, log, on_generation)
             dropped = {"attn": [], "mlp": []}
@@ -204,15 +210,15 @@ def run_evopress_prune(source: str, target: str, options: EvoPressPruneOptions, 
         else:
             settings = {} if options.sparsity_method == "magnitude" else {
                 "calib": options.calib, "calib_n": options.calib_n, "calib_len": options.calib_len,
-                "seed": options.seed, "damp": options.damp}
+                "seed": options.seed, "damp": options.damp, **compute_key(options)}
             description = db.describe("sparsity", options.sparsity_method, levels, settings, checkpoint)
             database = db.prepare(options.database, description, checkpoint, levels, lambda: windows, log,
-                                  options.batch_size)
+                                  options.batch_size, device=options.device)
             database_path = database.path
             fingerprint = search_fingerprint(options, {"space": "sparsity", "target": str(exact(options.target)),
                                                        "levels": [str(v) for v in levels], "database": description})
             state_path = _state_path(options, database.path, fingerprint)
-            model = _load_model(checkpoint)
+            model = _load_model(checkpoint, options)
             applier = WeightApplier(model, database, space)
             state = run_search(space, model, applier.apply, windows, options, state_path, fingerprint, log, on_generation)
             del model
@@ -260,14 +266,14 @@ def run_evopress_quantize(source: str, target: str, options: EvoPressQuantOption
         windows = calibration_windows(checkpoint, options)
         settings = {"calib": options.calib, "calib_n": options.calib_n, "calib_len": options.calib_len,
                     "seed": options.seed, "damp": options.damp, "group_size": options.group_size, "sym": options.sym,
-                    "act_order": options.act_order}
+                    "act_order": options.act_order, **compute_key(options)}
         description = db.describe("bits", "gptq", levels, settings, checkpoint)
         database = db.prepare(options.database, description, checkpoint, levels, lambda: windows, log,
-                              options.batch_size)
+                              options.batch_size, device=options.device)
         fingerprint = search_fingerprint(options, {"space": "bits", "target": str(exact(options.target_bits)),
                                                    "levels": [str(v) for v in levels], "database": description})
         state_path = _state_path(options, database.path, fingerprint)
-        model = _load_model(checkpoint)
+        model = _load_model(checkpoint, options)
         applier = WeightApplier(model, database, space)
         state = run_search(space, model, applier.apply, windows, options, state_path, fingerprint, log, on_generation)
         del model
