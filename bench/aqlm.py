@@ -25,6 +25,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from _testbed import add_testbed_argument, resolve_testbed, testbed_line  # noqa: E402  (bench/ is sys.path[0])
 LCTOOL = os.path.join(ROOT, ".venv", "bin", "lctool")
 PAPER = "PV-Tuning paper, Llama-2-7B at 2.29 bits: ppl 5.12 → 5.68 (×1.11) with AQLM+PV"
 
@@ -74,7 +75,7 @@ def evaluate(path: str, reference, text: str, ctx: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", help="model folder (default: the --testbed preset)")
-    parser.add_argument("--testbed", choices=["quick", "bench"], default="quick", help="testbed preset (built if missing)")
+    add_testbed_argument(parser)
     parser.add_argument("--calib-n", type=int, default=32)
     parser.add_argument("--calib-len", type=int, default=256)
     parser.add_argument("--ctx", type=int, default=256)
@@ -99,11 +100,9 @@ def main() -> None:
 
     torch.set_num_threads(2)
     if args.model:
-        source = args.model
+        source, args.preset = args.model, None
     else:
-        from lctool.ops.testbed import testbed_path
-
-        source = testbed_path(preset=args.testbed, build=True)
+        source, args.preset = resolve_testbed(args.testbed, log=lambda m: print(m, file=sys.stderr))
     text = corpus_text("wiki", "eval")
     text = text[: args.eval_chars] if args.eval_chars else text
     work = tempfile.mkdtemp(prefix="lctool-bench-aqlm-")
@@ -152,6 +151,7 @@ def render(rows, source: str, args) -> str:
         "# lctool quantize --method aqlm on the testbed",
         "",
         f"Command: `.venv/bin/python bench/aqlm.py {' '.join(sys.argv[1:])}`  (model: `{source}`)",
+        testbed_line(args.preset, source) if args.preset else f"Model: `{source}` (not a testbed).",
         f"Calibration: wiki calib split, {args.calib_n} x {args.calib_len} tokens; eval: wiki eval split"
         f"{f' (first {args.eval_chars} chars)' if args.eval_chars else ''}, ctx {args.ctx}. AQLM: beam {args.beam_size},"
         f" {args.rounds} rounds. STE/PV: {args.pv_steps} steps of {args.pv_batch} calibration windows, lr"

@@ -31,6 +31,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _testbed import add_testbed_argument, resolve_testbed  # noqa: E402  (bench/ is sys.path[0])
 
 import torch  # noqa: E402
 
@@ -39,7 +40,7 @@ ROWS = ("blocks", "sparsity", "bits")
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--testbed", choices=("quick", "bench"), default="quick")
+    add_testbed_argument(parser)
     parser.add_argument("--model", help="checkpoint (default: the --testbed model, which must be built)")
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--block-fraction", type=float, default=0.25)
@@ -263,14 +264,11 @@ def verdicts(rows: list[dict]) -> list[str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from lctool.ops.testbed import testbed_path
-
     started = time.time()
-    base = args.model or testbed_path(args.testbed, build=False)
-    if base is None:
-        print(f"the {args.testbed} testbed is not built: run `lctool testbed build --preset {args.testbed}` first "
-              "(or pass --model)", file=sys.stderr)
-        return 2
+    if args.model:
+        base = args.model
+    else:
+        base, args.testbed = resolve_testbed(args.testbed, log=lambda m: print(m, file=sys.stderr))
     work = args.work or tempfile.mkdtemp(prefix="lctool-bench-evopress-")
     os.makedirs(work, exist_ok=True)
 
