@@ -45,6 +45,13 @@ TUNED = [  # (label, base row, method): the whole-model fine-tunes the PV-Tuning
 ]
 
 
+def largest_dividing_group(source: str) -> int:
+    """RTN/GPTQ group size: 64 where it divides every linear's inputs (quick testbed), else 32 (bench: MLP 864)."""
+    config = json.load(open(os.path.join(source, "config.json")))
+    widths = (config["hidden_size"], config["intermediate_size"])
+    return next(g for g in (64, 32, 16) if all(w % g == 0 for w in widths))
+
+
 def run_lctool(args: list[str]) -> dict:
     """The command's JSON summary, with its CPU seconds (user + system, all threads) as `cpu_s`."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -89,7 +96,7 @@ def main() -> None:
     parser.add_argument("--pv-subspace", type=float, default=0.01, help="PV: fraction of code groups per V step")
     parser.add_argument("--pv-code-every", type=int, default=1, help="PV: V step / STE: re-quantize every K steps")
     parser.add_argument("--no-tune", action="store_true", help="skip the STE and PV rows")
-    parser.add_argument("--only", default="", help="run only the quantize rows whose label contains this text")
+    parser.add_argument("--only", default="", help="run only the quantize rows whose label contains one of these comma-separated texts")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
@@ -109,7 +116,9 @@ def main() -> None:
     calib = ["--calib", "wiki", "--calib-n", str(args.calib_n), "--calib-len", str(args.calib_len)]
     reference, _ = load_for_eval(source)
     rows = [("fp32", evaluate(source, None, text, args.ctx), {"bits_per_param_stored": 32.0, "wall_s": 0.0})]
-    configs = [(label, options) for label, options in CONFIGS if args.only in label]
+    group = largest_dividing_group(source)
+    configs = [(label.replace("g64", f"g{group}"), [str(group) if o == "64" else o for o in options])
+               for label, options in CONFIGS if any(part in label for part in args.only.split(","))]
     tuned = [t for t in TUNED if not args.no_tune and any(t[1] == label for label, _ in configs)]
     bases = {base for _, base, _ in tuned}
     kept: dict[str, tuple[str, dict]] = {}  # base label -> (artifact, its summary)
