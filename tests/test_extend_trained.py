@@ -285,6 +285,9 @@ def test_trained_methods_refuse_bad_input_before_training(workdir, run_cli):
     assert code == 2 and "not longer" in err
     code, _, err = run_cli("extend", workdir.source, workdir.source, "--method", "e2llm", "--factor", "2")
     assert code == 2 and "already exists" in err
+    for flag, value in (("--clex-positions", "shuffled"), ("--clex-ode-lr-scale", "0"), ("--clex-run-length", "0")):
+        code, _, err = run_cli("extend", workdir.source, target, "--method", "clex", "--factor", "4", flag, value)
+        assert code == 2 and err.startswith("error:") and flag.strip("-").replace("-", "_") in err, err
     assert not target.exists()
 
 

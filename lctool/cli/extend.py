@@ -101,10 +101,11 @@ def extend_command(
     lora_rank: int = typer.Option(None, "--lora-rank", help="Train LoRA on attention instead of all weights."),
     g_max: int = typer.Option(None, "--g-max", help="E²-LLM: largest sampled scale (default ceil(L/L0))."),
     t_max: int = typer.Option(None, "--t-max", help="CLEX: largest sampled time (default ceil(L/L0))."),
-    clex_positions: str = typer.Option("runs", "--clex-positions",
-                                       help="CLEX: training positions in [0, t·L0): runs | sampled (paper) | consecutive."),
+    clex_positions: str = typer.Option("consecutive", "--clex-positions",
+                                       help="CLEX: training positions: consecutive | runs | sampled (paper's code)."),
     clex_run_length: int = typer.Option(32, "--clex-run-length", help="CLEX: consecutive positions per run."),
-    clex_long_text: bool = typer.Option(True, "--clex-long-text/--clex-short-text",
+    clex_ode_lr_scale: float = typer.Option(0.01, "--clex-ode-lr-scale", help="CLEX: the ODE's lr as a fraction of --lr."),
+    clex_long_text: bool = typer.Option(False, "--clex-long-text/--clex-short-text",
                                         help="CLEX: read each token at its position of t·L0-token text (else L0-token text)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the training run."),
     checkpoint_dir: str = typer.Option(None, "--checkpoint-dir", help="Save training state here (resumable)."),
@@ -131,7 +132,7 @@ def extend_command(
         low_freq_factor=low_freq_factor, high_freq_factor=high_freq_factor,
         short_factor=_factor_list(short_factor), long_factor=_factor_list(long_factor),
         training=training, g_max=g_max, t_max=t_max, clex_positions=clex_positions, clex_run_length=clex_run_length,
-        clex_long_text=clex_long_text,
+        clex_long_text=clex_long_text, clex_ode_lr_scale=clex_ode_lr_scale,
     )
     search_options = None
     if search:

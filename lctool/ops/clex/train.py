@@ -1,17 +1,24 @@
 """Training CLEX on the shared loop and writing a checkpoint that ships its modeling code.
 
 Per optimizer step (the `before_step` hook): t is drawn uniformly from {1, …, t_max}; the rotary
-embedding integrates the ODE to t; the batch keeps its L0 tokens and reads them at positions spanning
-[0, t·L0), so the model sees the rotation angles of length t·L0 while training at L0
-(`clex_positions`):
-- "runs" (default): the L0 tokens in runs of `clex_run_length` consecutive positions, the runs in
-  order at random places in [0, t·L0), the first at 0. Neighbouring tokens stay one position apart,
-  as they are at inference, while the gaps between runs show the long distances of length t·L0.
-- "sampled": the paper's reference code, L0 sorted random positions in [0, t·L0) (0 and t·L0−1
-  always included). Neighbours are then ~t positions apart, which inference never shows: on a short
-  budget the ODE learns to shrink every frequency towards position interpolation to undo those gaps,
-  and ppl at 4·L0 gets worse than untrained (bench/results/extend.md).
-- "consecutive": 0 … L0−1 (only distances below L0 are ever seen).
+embedding integrates the ODE to t; the batch keeps its L0 tokens. Two choices decide whether the
+short run helps at 4·L0 and 8·L0 (measured on the bench testbed, bench/results/extend.md):
+
+- The ODE trains at its own, lower learning rate (`clex_ode_lr_scale`, default 0.01 × lr). At the
+  model's lr (the paper's code uses one lr for everything, over far more steps) a few hundred Adam
+  steps move the tiny ODE far from its NTK start (log-frequency deviations of ±1–3 at t = 8): a loss
+  measured at L0 tokens rewards whatever re-creates the angles of pre-training there, and the
+  frequencies that do that fail on real long inputs. Every position scheme below, trained with the
+  ODE at full lr, ended worse at 8·L0 than untrained.
+- Positions (`clex_positions`):
+  - "consecutive" (default): 0 … L0−1, what the issue specifies: the model learns to read the
+    ODE-scaled frequencies for every t exactly as inference presents them (neighbours one apart).
+  - "runs": the tokens in runs of `clex_run_length` consecutive positions placed in order at random
+    in [0, t·L0) (first at 0), to show distances up to t·L0.
+  - "sampled": the paper's reference code, L0 sorted random positions in [0, t·L0) (0 and t·L0−1
+    always included); neighbours are then ~t apart, which inference never shows.
+  With `clex_long_text` the rows are t_max·L0 tokens of text and the L0 tokens fed are those at the
+  positions (from a random start), so a gap in positions is a gap in the text.
 """
 
 from __future__ import annotations
