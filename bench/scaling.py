@@ -236,6 +236,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="S,M,L")
     parser.add_argument("--commands", default=None, help="comma-separated subset (default: all)")
+    parser.add_argument("--skip", default="", help="size/command pairs not to measure, e.g. L/quantize-gptq "
+                        "(too slow here); their cells stay empty and their fits use the other sizes")
     parser.add_argument("--work", default=os.path.join(ROOT, "logs", "scaling-work"))
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "scaling.md"))
     parser.add_argument("--json", default=os.path.join(ROOT, "logs", "scaling.json"),
@@ -261,6 +263,9 @@ def main() -> None:
         table = commands(models[size], text, out)
         for name in (args.commands.split(",") if args.commands else table):
             key = f"{size}/{name}"
+            if key in args.skip.split(",") and key not in raw:
+                print(f"{size:3s} {name:15s} skipped (--skip)", flush=True)
+                continue
             if key not in raw:
                 shutil.rmtree(out, ignore_errors=True)
                 raw[key] = measure(table[name])

@@ -268,3 +268,27 @@ def test_lora_on_the_testbed_lowers_shakespeare_perplexity(testbed_dir, tmp_path
     before = perplexity(load_causal_lm(testbed_dir), tokenizer, text, ctx=256, max_tokens=4096)["ppl"]
     after = perplexity(load_adapter(str(tmp_path / "adapter")), tokenizer, text, ctx=256, max_tokens=4096)["ppl"]
     assert after < 0.95 * before
+
+
+@pytest.mark.parametrize("merge", [False, True], ids=["adapter", "merged"])
+def test_runs_under_accelerate_launch_with_two_processes(base, tmp_path, merge):
+    """Both processes train; only the main one writes (another writer would be refused mid-run)."""
+    from tests.conftest import free_port
+
+    port = str(free_port())
+    out = tmp_path / "ddp"
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    # `launch --cpu` starts one process on accelerate 1.15; --multi_gpu starts two (CPU/gloo here).
+    done = subprocess.run(
+        [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "--main_process_port", port, "-m", "lctool.cli.main", "-q", "finetune",
+         str(base / "base"), str(out), "--data", str(base / "data.txt"), *COMMON[:-1], "--steps", "3", "--json",
+         *(["--merge"] if merge else [])],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.JSONDecoder().raw_decode(done.stdout[done.stdout.index("{"):])[0]
+    assert summary["steps"] == 3 and summary["num_processes"] == 2
+    assert (out / ("model.safetensors" if merge else "adapter_model.safetensors")).exists()
+    assert not [p for p in os.listdir(tmp_path) if p != "ddp" and "lock" not in p]  # no temp or training folder left

@@ -126,7 +126,9 @@ class ModelArch:
 
     @property
     def max_positions(self) -> int | None:
-        return self.config.get("max_position_embeddings")
+        if self.config.get("max_position_embeddings") is None:
+            return None
+        return self._positive_int("max_position_embeddings")
 
     def heads_in(self, layer: int) -> int:
         return self.layer_sizes["num_attention_heads"][layer] if self.layer_sizes else self.num_heads

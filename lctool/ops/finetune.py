@@ -23,6 +23,7 @@ from lctool.errors import LctoolError, check
 from lctool.io import Checkpoint, CheckpointWriter
 from lctool.train import lora
 from lctool.train.lora import load_adapter as load_adapter  # finetune's reader of its own output
+from lctool.train.processes import is_main_process, process_rank, wait_for_everyone
 
 TRAINABLE_GROUPS = ("embed", "norm", "lm_head")
 DEFAULT_MAX_SEQ_LEN = 1024
@@ -317,7 +318,8 @@ def finetune(model_path: str, target: str, options: FinetuneOptions, force: bool
     check(not options.eval_every or held_out is not None, "--eval-every needs --eval-data (no eval split for this data)")
 
     folder = training_folder(target)
-    prepare_training_folder(folder, options.resume, force)
+    if process_rank() == 0:  # under a launcher the others must not race it (accelerate is not set up yet)
+        prepare_training_folder(folder, options.resume, force)
     model = peft_model(checkpoint, options)
     config = TrainConfig(
         steps=steps, lr=options.lr, warmup_steps=options.warmup, batch_size=options.batch,
@@ -334,16 +336,19 @@ def finetune(model_path: str, target: str, options: FinetuneOptions, force: bool
         result = train(model, data, config, eval_fn=eval_fn, tag=run_tag(checkpoint, options, examples))
         summary = {"output": os.path.abspath(target), "kind": "merged" if options.merge else "adapter",
                    "seq_len": seq_len, "examples": len(examples["input_ids"]), **result.summary()}
-        write_output(model, checkpoint, target, options, summary, config.log_path, force)
+        if is_main_process():
+            write_output(model, checkpoint, target, options, summary, config.log_path, force)
+        wait_for_everyone()
     except Exception:
         # A failure (a full disk, a diverged loss) keeps the folder only if it holds a checkpoint to
         # --resume from; otherwise nothing is left behind. Interruptions are not Exceptions: they keep it.
         from lctool.train.state import LATEST
 
-        if not os.path.exists(os.path.join(folder, LATEST)):
+        if process_rank() == 0 and not os.path.exists(os.path.join(folder, LATEST)):
             discard_training_folder(folder)
         raise
-    discard_training_folder(folder)
+    if is_main_process():
+        discard_training_folder(folder)
     return summary
 
 

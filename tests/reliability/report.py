@@ -84,7 +84,7 @@ def kill_table(entries: list[dict], several_logs: bool) -> tuple[list[str], dict
     for entry in entries:
         variant = _param(entry["name"])
         outcomes = entry["outcomes"]
-        kills = sum(v for k, v in outcomes.items() if not k.startswith(NOT_A_KILL))
+        kills = sum(v for k, v in outcomes.items() if NOT_A_KILL not in k)
         absent = sum(v for k, v in outcomes.items() if k.startswith("absent"))
         complete = sum(v for k, v in outcomes.items() if k.startswith("complete") and NOT_A_KILL not in k)
         finished = sum(v for k, v in outcomes.items() if NOT_A_KILL in k)

@@ -14,6 +14,7 @@ from lctool.io.hf import model_state_tensors
 from lctool.ops.extend.options import ExtendOptions, TrainingOptions
 from lctool.ops.extend.scaling import OriginalRope
 from lctool.train import ShuffledWindows, TrainConfig, lora, train
+from lctool.train.processes import is_main_process, process_rank, wait_for_everyone  # noqa: F401  (process_rank: e2llm, clex)
 
 
 def unscaled_config(config: dict, original: OriginalRope) -> dict:
@@ -117,21 +118,3 @@ def _write_checkpoint(model, checkpoint: Checkpoint, target: str, config: dict, 
         for relative, source in extra_files.items():
             writer.copy_file(source, relative)
         writer.results.update(results)
-
-
-def process_rank() -> int:
-    # From the launcher's environment: touching accelerate's PartialState before the training loop
-    # creates its Accelerator would fix a single-process state under torchrun on CPU-only machines.
-    return int(os.environ.get("RANK", "0"))
-
-
-def is_main_process() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
-
-
-def wait_for_everyone() -> None:
-    from accelerate import PartialState
-
-    PartialState().wait_for_everyone()
