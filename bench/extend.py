@@ -47,7 +47,9 @@ def build_variants(testbed: str, work: str, args) -> tuple[dict[str, str], dict[
     summaries = {}
     for method in (m for m in TRAINED if m in wanted):
         started = time.time()
-        out = extend(testbed, os.path.join(work, method), ExtendOptions(method=method, factor=8, training=training))
+        extra = {"clex_ode_lr_scale": args.clex_ode_lr_scale} if method == "clex" and args.clex_ode_lr_scale else {}
+        out = extend(testbed, os.path.join(work, method),
+                     ExtendOptions(method=method, factor=8, training=training, **extra))
         manifest = json.load(open(os.path.join(out, "lctool.json")))
         summaries[method] = {**manifest["results"]["training"], "bench_wall_s": round(time.time() - started, 1)}
         variants[f"{method} (trained)"] = out
@@ -142,6 +144,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--clex-ode-lr-scale", type=float, default=None,
+                        help="CLEX: the ODE's lr as a fraction of --lr (default: lctool's)")
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)

@@ -405,3 +405,15 @@ def test_cli_usage_errors_exit_2_in_one_line(run_cli):
         assert code == 2 and "Traceback" not in err, args
     code, out, err = run_cli("convert", "a", "b", "--nope")
     assert err.strip().startswith("error: No such option") and err.strip().count("\n") == 0
+
+
+def test_layers_beyond_num_hidden_layers_are_refused(tmp_path):
+    """A config declaring fewer layers than the checkpoint holds is one clear error (the soak found prune
+    failing with an IndexError on such a folder)."""
+    src = save_tiny(str(tmp_path / "src"))
+    config_path = os.path.join(src, "config.json")
+    config = json.load(open(config_path))
+    config["num_hidden_layers"] -= 1
+    json.dump(config, open(config_path, "w"))
+    with pytest.raises(LctoolError, match="beyond the"):
+        Checkpoint(src)

@@ -76,6 +76,8 @@ class Checkpoint:
         self._file_of: dict[str, str] = {}
         self._load_headers()
         self.manifest: dict | None = self._read_manifest()
+        if check_shapes:
+            self._check_layer_count()
         if check_shapes and not self.is_quantized:
             self._check_shapes()
 
@@ -129,6 +131,16 @@ class Checkpoint:
         if not isinstance(manifest, dict):
             raise LctoolError(f"{MANIFEST_FILE} is not a JSON object")
         return manifest
+
+    def _check_layer_count(self) -> None:
+        """No tensor of a layer past config.json's num_hidden_layers (ops walk the layers the config names)."""
+        root = self.arch.family.layers + "."
+        for name in self._file_of:
+            if name.startswith(root):
+                index = name[len(root):].split(".", 1)[0]
+                if index.isdigit() and int(index) >= self.arch.num_layers:
+                    raise LctoolError(f"tensor {name} is beyond the {self.arch.num_layers} layers config.json declares "
+                                      "(num_hidden_layers)")
 
     def _check_shapes(self) -> None:
         expected = self.arch.expected_shapes()

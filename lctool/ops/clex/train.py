@@ -4,7 +4,7 @@ Per optimizer step (the `before_step` hook): t is drawn uniformly from {1, …, 
 embedding integrates the ODE to t; the batch keeps its L0 tokens. Two choices decide whether the
 short run helps at 4·L0 and 8·L0 (measured on the bench testbed, bench/results/extend.md):
 
-- The ODE trains at its own, lower learning rate (`clex_ode_lr_scale`, default 0.01 × lr). At the
+- The ODE trains at its own, lower learning rate (`clex_ode_lr_scale`, default 0.001 × lr). At the
   model's lr (the paper's code uses one lr for everything, over far more steps) a few hundred Adam
   steps move the tiny ODE far from its NTK start (log-frequency deviations of ±1–3 at t = 8): a loss
   measured at L0 tokens rewards whatever re-creates the angles of pre-training there, and the

@@ -65,7 +65,7 @@ class ExtendOptions(BaseModel):
     clex_step_size: float = Field(0.1, gt=0, le=1.0, description="CLEX: RK4 step in t")
     clex_positions: Literal["consecutive", "runs", "sampled"] = Field(
         "consecutive", description="CLEX: positions of the L0 training tokens in [0, t·L0) (see lctool.ops.clex.train)")
-    clex_ode_lr_scale: float = Field(0.01, gt=0, le=1, description="CLEX: the ODE's learning rate as a fraction of lr")
+    clex_ode_lr_scale: float = Field(0.001, gt=0, le=1, description="CLEX: the ODE's learning rate as a fraction of lr (0.001: bench/results/extend.md)")
     clex_long_text: bool = Field(False, description="CLEX: read the training tokens at their positions of t·L0-token text")
     clex_run_length: int = Field(32, ge=1, description="CLEX: consecutive positions per run (clex_positions='runs')")
 
