@@ -212,16 +212,9 @@ def run_evopress_prune(source: str, target: str, options: EvoPressPruneOptions, 
                 "calib": options.calib, "calib_n": options.calib_n, "calib_len": options.calib_len,
                 "seed": options.seed, "damp": options.damp, **compute_key(options)}
             description = db.describe("sparsity", options.sparsity_method, levels, settings, checkpoint)
-            database = db.prepare(options.database, description, checkpoint, levels, lambda: windows, log,
-                                  options.batch_size, device=options.device)
+            database, state_path, state = _search_over_database(
+                "sparsity", options.target, description, checkpoint, levels, space, windows, options, log, on_generation)
             database_path = database.path
-            fingerprint = search_fingerprint(options, {"space": "sparsity", "target": str(exact(options.target)),
-                                                       "levels": [str(v) for v in levels], "database": description})
-            state_path = _state_path(options, database.path, fingerprint)
-            model = _load_model(checkpoint, options)
-            applier = WeightApplier(model, database, space)
-            state = run_search(space, model, applier.apply, windows, options, state_path, fingerprint, log, on_generation)
-            del model
             chosen = {unit: space.levels[i] for unit, i in zip(space.units, state["parent"], strict=True)}
             details = output.write_sparse(checkpoint, writer, database, chosen)
         extra = {"space": options.space, "target": options.target, "database": database_path, "state": state_path,
@@ -253,6 +246,21 @@ def validate_bits(checkpoint: Checkpoint, options: EvoPressQuantOptions) -> list
     return levels
 
 
+def _search_over_database(kind: str, target, description: dict, checkpoint: Checkpoint, levels, space, windows,
+                          options, log: Log, on_generation):
+    """Per-layer levels drawn from a level database (sparsity or bits): prepare (or reuse) the database,
+    then search; returns (database, state path, final search state)."""
+    database = db.prepare(options.database, description, checkpoint, levels, lambda: windows, log,
+                          options.batch_size, device=options.device)
+    fingerprint = search_fingerprint(options, {"space": kind, "target": str(exact(target)),
+                                               "levels": [str(v) for v in levels], "database": description})
+    state_path = _state_path(options, database.path, fingerprint)
+    model = _load_model(checkpoint, options)
+    applier = WeightApplier(model, database, space)
+    state = run_search(space, model, applier.apply, windows, options, state_path, fingerprint, log, on_generation)
+    return database, state_path, state
+
+
 def run_evopress_quantize(source: str, target: str, options: EvoPressQuantOptions, *, force: bool = False,
                           log: Log | None = None, on_generation=None) -> dict:
     log = log or _quiet
@@ -268,15 +276,8 @@ def run_evopress_quantize(source: str, target: str, options: EvoPressQuantOption
                     "seed": options.seed, "damp": options.damp, "group_size": options.group_size, "sym": options.sym,
                     "act_order": options.act_order, **compute_key(options)}
         description = db.describe("bits", "gptq", levels, settings, checkpoint)
-        database = db.prepare(options.database, description, checkpoint, levels, lambda: windows, log,
-                              options.batch_size, device=options.device)
-        fingerprint = search_fingerprint(options, {"space": "bits", "target": str(exact(options.target_bits)),
-                                                   "levels": [str(v) for v in levels], "database": description})
-        state_path = _state_path(options, database.path, fingerprint)
-        model = _load_model(checkpoint, options)
-        applier = WeightApplier(model, database, space)
-        state = run_search(space, model, applier.apply, windows, options, state_path, fingerprint, log, on_generation)
-        del model
+        database, state_path, state = _search_over_database(
+            "bits", options.target_bits, description, checkpoint, levels, space, windows, options, log, on_generation)
         bits = {unit: int(space.levels[i]) for unit, i in zip(space.units, state["parent"], strict=True)}
         details = output.write_mixed_gptq(checkpoint, writer, database, bits, settings)
         extra = {"space": "bits", "target": options.target_bits, "quant_method": "gptq", "database": database.path,
