@@ -50,14 +50,15 @@ def _timed_run(args: list[str]) -> float:
     return time.monotonic() - began
 
 
-def _kill_once(args: list[str], target: str, rng: random.Random, span: float | None) -> str:
-    """Start the command, SIGKILL it at a random moment; returns when the kill landed."""
+def _kill_once(args: list[str], target: str, rng: random.Random, span: float | None, delay: float) -> str:
+    """Start the command and SIGKILL it: `delay` (at most) after its writing starts, or, if `span` is given, at a
+    random moment of a run that long. Returns when the kill landed."""
     process = spawn(*args)
     try:
-        if span is None or rng.random() < 0.5:
-            started = wait_for(lambda: _work_started(target) or process.poll() is not None, PROCESS_TIMEOUT, 0.005)
+        if span is None:
+            started = wait_for(lambda: _work_started(target) or process.poll() is not None, PROCESS_TIMEOUT, 0.001)
             assert started
-            time.sleep(rng.uniform(0, 0.05))
+            time.sleep(rng.uniform(0, delay))
             moment = "during work"
         else:
             time.sleep(rng.uniform(0, span))
@@ -87,14 +88,21 @@ def test_sigkill_leaves_absent_or_complete(workspace, tmp_path, tally, name):
     span = _timed_run(args)
     reference = tree_digest(target)
     reset(target)
-    span = span if SOAK else None
 
-    kills = attempts = 0
+    # A fast command's writing can take less than a millisecond on a quick machine, so a kill aimed at it may
+    # come too late. Each miss halves the delay aimed after the writing starts; after two misses in a row the
+    # next kill comes at a random moment of the run's first 80% instead, which lands.
+    kills = attempts = misses = 0
+    delay = 0.05
     while kills < KILLS:  # KILLS kills that landed: a run that ends before its kill does not count
         attempts += 1
-        assert attempts <= 4 * KILLS, f"only {kills} of {attempts} runs were still going when killed"
-        moment = _kill_once(args, target, rng, span)
-        kills += moment != "finished before the kill"
+        assert attempts <= 4 * KILLS + 2, f"only {kills} of {attempts} runs were still going when killed"
+        aim_at_writing = misses < 2 and (not SOAK or rng.random() < 0.5)
+        moment = _kill_once(args, target, rng, None if aim_at_writing else 0.8 * span, delay)
+        landed = moment != "finished before the kill"
+        kills += landed
+        misses = 0 if landed else misses + 1
+        delay = delay if landed else delay / 2
         if os.path.exists(target):
             check_output(name, target)
             assert tree_digest(target) == reference, "a killed run left a target unlike a whole run's"
