@@ -23,7 +23,7 @@ from lctool.errors import LctoolError, check
 from lctool.io import Checkpoint, CheckpointWriter
 from lctool.train import lora
 from lctool.train.lora import load_adapter as load_adapter  # finetune's reader of its own output
-from lctool.train.processes import is_main_process, process_rank, wait_for_everyone
+from lctool.train.processes import is_main_process, launched_with_fsdp, process_rank, wait_for_everyone
 
 TRAINABLE_GROUPS = ("embed", "norm", "lm_head")
 DEFAULT_MAX_SEQ_LEN = 1024
@@ -303,12 +303,14 @@ def prepare_training_folder(folder: str, resume: bool, force: bool) -> None:
 def finetune(model_path: str, target: str, options: FinetuneOptions, force: bool = False, progress: bool = True) -> dict:
     """Fine-tune `model_path` and write an adapter (or a merged checkpoint) to `target`; returns the summary."""
     from lctool.io.hf import check_buildable, load_tokenizer
-    from lctool.train import ShuffledWindows, TrainConfig, train
+    from lctool.train import ShuffledWindows, TrainConfig, train, trained_model
 
     checkpoint = Checkpoint(model_path)
     check_buildable(checkpoint.config)
     seq_len = resolve_seq_len(checkpoint, options.seq_len)
     lora_config(checkpoint, options)  # unknown roles and groups fail here, before any loading
+    check(not (options.qlora and launched_with_fsdp()), "--qlora under FSDP is not supported (nf4 weights are "
+                                                         "not sharded by accelerate here); use DDP or one process")
     check_output(target, force)
     tokenizer = load_tokenizer(checkpoint.path)
     examples = training_examples(tokenizer, options, seq_len)
@@ -333,9 +335,11 @@ def finetune(model_path: str, target: str, options: FinetuneOptions, force: bool
     data = ShuffledWindows(examples, options.batch, seed=options.seed)
     eval_fn = make_eval_fn(tokenizer, held_out, seq_len, options.eval_tokens) if held_out else None
     try:
-        result = train(model, data, config, eval_fn=eval_fn, tag=run_tag(checkpoint, options, examples))
+        result = train(model, data, config, eval_fn=eval_fn, tag=run_tag(checkpoint, options, examples),
+                       sharded_ok=True)
         summary = {"output": os.path.abspath(target), "kind": "merged" if options.merge else "adapter",
                    "seq_len": seq_len, "examples": len(examples["input_ids"]), **result.summary()}
+        model = trained_model(model, result, lambda: peft_model(checkpoint, options))
         if is_main_process():
             write_output(model, checkpoint, target, options, summary, config.log_path, force)
         wait_for_everyone()

@@ -7,7 +7,7 @@ testbed. See `lctool.train.loop.train` for the hooks and `lctool.train.batches` 
 
 from lctool.train.batches import ShuffledWindows, micro_batches
 from lctool.train.config import TrainConfig, TrainResult
-from lctool.train.loop import TrainingInterrupted, causal_lm_loss, train
+from lctool.train.loop import TrainingInterrupted, causal_lm_loss, train, trained_model
 
 __all__ = ["ShuffledWindows", "TrainConfig", "TrainResult", "TrainingInterrupted", "causal_lm_loss",
-           "micro_batches", "train"]
+           "micro_batches", "train", "trained_model"]

@@ -90,6 +90,8 @@ class TrainResult:
     num_processes: int = 1
     interrupted: bool = False
     checkpoint: str | None = None
+    # Under FSDP: the trained weights gathered whole (on the main process; {} elsewhere). See trained_model.
+    full_state_dict: dict | None = field(default=None, repr=False)
 
     @property
     def final_loss(self) -> float | None:

@@ -167,7 +167,7 @@ def _count_tokens(batch: dict) -> int:
 
 
 def train(model: torch.nn.Module, batches, config: TrainConfig, *, loss_fn=None, before_step=None, eval_fn=None,
-          tag: dict | None = None, after_step=None, extra_state=None) -> TrainResult:
+          tag: dict | None = None, after_step=None, extra_state=None, sharded_ok: bool = False) -> TrainResult:
     """Train `model`'s parameters that require grad for `config.steps` optimizer steps.
 
     Hooks (keyword arguments win over the same fields of `config`):
@@ -181,6 +181,7 @@ def train(model: torch.nn.Module, batches, config: TrainConfig, *, loss_fn=None,
     `extra_state` (an object with state_dict() -> {name: tensor} and load_state_dict(dict)) holds what
     training changes outside the trainable parameters; it is saved with checkpoints and restored on resume.
     `tag` is stored with checkpoints and must match on resume (e.g. which base model was trained).
+    Under FSDP only callers that pass `sharded_ok` run: they take the model to write from `trained_model`.
     The model is left in eval mode (on the CPU, see `_back_to_cpu`); with `TrainingInterrupted` (SIGINT/SIGTERM) after saving a checkpoint.
     """
     from accelerate.utils import set_seed
@@ -196,9 +197,13 @@ def train(model: torch.nn.Module, batches, config: TrainConfig, *, loss_fn=None,
     accelerator = make_accelerator(config)
     set_seed(config.seed)
 
-    if config.checkpoint_dir and accelerator.distributed_type.name == "FSDP":
-        # Parameters and optimizer state are sharded under FSDP; the safetensors checkpoint holds full tensors.
-        raise LctoolError("resumable checkpoints are not supported under FSDP yet (run without checkpoint_dir)")
+    sharded = is_sharded(accelerator)
+    if sharded and not sharded_ok:
+        raise LctoolError(f"{config.description} does not run under FSDP yet; launch it with DDP "
+                          "(accelerate launch --multi_gpu) or in one process")
+    if sharded and (config.checkpoint_every or config.resume):
+        # Optimizer state is sharded under FSDP; lctool's resumable checkpoint holds full tensors.
+        raise LctoolError("resumable checkpoints (--checkpoint-every, --resume) are not supported under FSDP")
     named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named_trainable:
         raise LctoolError("nothing to train: no parameter requires grad")
@@ -269,7 +274,7 @@ def train(model: torch.nn.Module, batches, config: TrainConfig, *, loss_fn=None,
                 if config.eval_every and (step + 1) % config.eval_every == 0:
                     _evaluate(accelerator, prepared, unwrapped, eval_fn, step + 1, result, log)
                 if stop:
-                    if config.checkpoint_dir:
+                    if config.checkpoint_dir and not sharded:
                         save(step + 1)
                     result.interrupted = True
                     break
@@ -283,10 +288,32 @@ def train(model: torch.nn.Module, batches, config: TrainConfig, *, loss_fn=None,
         result.peak_rss_mb = peak_rss_mb()
         restore_model()
         unwrapped.eval()
-        _back_to_cpu(accelerator, unwrapped)
+        if not sharded:
+            _back_to_cpu(accelerator, unwrapped)
     if result.interrupted:
         raise TrainingInterrupted(result)
+    if sharded:
+        # Every process joins the gather; the main one receives full CPU tensors (the others an empty dict).
+        result.full_state_dict = accelerator.get_state_dict(prepared)
     return result
+
+
+def is_sharded(accelerator) -> bool:
+    """FSDP: each process holds a shard of every parameter, so the trained model is not whole anywhere."""
+    return accelerator.distributed_type.name == "FSDP"
+
+
+def trained_model(model: torch.nn.Module, result: TrainResult, rebuild) -> torch.nn.Module | None:
+    """The trained model, whole: `model` itself, or after FSDP training (whose model holds shards) on the
+    main process a new `rebuild()` (the model as it was built before training) carrying the gathered
+    weights; None on the other processes, which have nothing whole to write."""
+    if result.full_state_dict is None:
+        return model
+    if not result.full_state_dict:
+        return None
+    whole = rebuild()
+    whole.load_state_dict(result.full_state_dict)  # strict: the rebuilt model must be the trained one's twin
+    return whole.eval()
 
 
 def _back_to_cpu(accelerator, model) -> None:

@@ -25,3 +25,8 @@ def wait_for_everyone() -> None:
     from accelerate import PartialState
 
     PartialState().wait_for_everyone()
+
+
+def launched_with_fsdp() -> bool:
+    """`accelerate launch --use_fsdp` (known before accelerate is set up, from the launcher's environment)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"

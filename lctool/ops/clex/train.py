@@ -139,10 +139,13 @@ class ClexAugmentation:
         return {"input_ids": input_ids, "labels": labels}
 
 
-def build_clex_model(checkpoint, original: OriginalRope, settings: dict):
+def build_clex_model(checkpoint, original: OriginalRope, settings: dict, seed: int = 0):
     """The input model (float32, unscaled) with CLEX rotary embeddings; untrained = NTK by 2t−1."""
     model = load_unscaled_model(checkpoint, original)
-    rotaries = modeling_clex.install_clex_rotary(model, SimpleNamespace(clex=settings))
+    with torch.random.fork_rng(devices=[]):
+        # The ODE's first layer is drawn at random: from `seed`, not from whatever ran before in this process.
+        torch.manual_seed(seed)
+        rotaries = modeling_clex.install_clex_rotary(model, SimpleNamespace(clex=settings))
     return model, rotaries
 
 
@@ -158,7 +161,7 @@ def train_clex(plan, target: str, options: ExtendOptions, force: bool) -> str:
     checkpoint, original, lengths = plan.checkpoint, plan.original, plan.lengths
     t_max = options.t_max or lengths.whole_factor
     settings = clex_settings(original, rotary_dim(checkpoint.arch), lengths, options, t_max)
-    model, rotaries = build_clex_model(checkpoint, original, settings)
+    model, rotaries = build_clex_model(checkpoint, original, settings, options.training.seed)
     training = options.training
     row_length = t_max * lengths.original if options.clex_long_text else lengths.original
     windows = training_windows(load_tokenizer(checkpoint.path), training.corpus, row_length,
@@ -169,6 +172,7 @@ def train_clex(plan, target: str, options: ExtendOptions, force: bool) -> str:
         model, summary = run_training(model, checkpoint.arch, windows, options, hook, "clex",
                                       tag={"method": "clex", "input": checkpoint.path, "t_max": t_max,
                                            "ode_lr_scale": options.clex_ode_lr_scale},
+                                      rebuild=lambda: build_clex_model(checkpoint, original, settings, training.seed)[0],
                                       also_train=[rotary.dynamics for rotary in rotaries],
                                       lr_scales=ode_lr_scales(model, rotaries, options.clex_ode_lr_scale))
     finally:

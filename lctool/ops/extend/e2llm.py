@@ -87,7 +87,8 @@ def train_e2llm(plan, target: str, options: ExtendOptions, force: bool) -> str:
     with RotaryOverride(model) as rotary:
         hook = E2Augmentation(rotary, lengths.original, g_max, seed=training.seed, rank=process_rank())
         model, summary = run_training(model, checkpoint.arch, windows, options, hook, "e2llm",
-                                      tag={"method": "e2llm", "input": checkpoint.path, "g_max": g_max})
+                                      tag={"method": "e2llm", "input": checkpoint.path, "g_max": g_max},
+                                      rebuild=lambda: load_unscaled_model(checkpoint, original))
     summary.update(g_max=g_max, sampled_scales=scale_histogram(hook.history))
     return _write(model, plan, target, options, force, summary)
 

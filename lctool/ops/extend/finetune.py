@@ -13,7 +13,7 @@ from lctool.io import Checkpoint, CheckpointWriter
 from lctool.io.hf import model_state_tensors
 from lctool.ops.extend.options import ExtendOptions, TrainingOptions
 from lctool.ops.extend.scaling import OriginalRope
-from lctool.train import ShuffledWindows, TrainConfig, lora, train
+from lctool.train import ShuffledWindows, TrainConfig, lora, train, trained_model
 from lctool.train.processes import is_main_process, process_rank, wait_for_everyone  # noqa: F401  (process_rank: e2llm, clex)
 
 
@@ -64,29 +64,40 @@ def train_config(training: TrainingOptions, description: str, lr_scales: dict[st
     )
 
 
+def with_adapter(model, arch, training: TrainingOptions, also_train: list[torch.nn.Module] | None = None):
+    """`model` as it trains: with `lora_rank`, under a LoRA adapter on the attention projections (and
+    `also_train` modules trained whole beside it); else itself, every weight trained."""
+    if not training.lora_rank:
+        return model
+    spec = lora.LoraSpec(rank=training.lora_rank, alpha=training.lora_alpha, roles="attn")
+    adapted = lora.attach(model, lora.peft_config(arch, spec), seed=training.seed)
+    for module in also_train or []:
+        module.requires_grad_(True)  # peft froze everything but the adapter
+    return adapted
+
+
 def run_training(model, arch, windows: torch.Tensor, options: ExtendOptions, before_step, description: str,
-                 tag: dict, loss_fn=None, also_train: list[torch.nn.Module] | None = None,
+                 tag: dict, rebuild, loss_fn=None, also_train: list[torch.nn.Module] | None = None,
                  lr_scales: dict[str, float] | None = None):
     """Train on the shared loop, with `lora_rank` a LoRA adapter on the attention projections (then merged),
     else every weight; `also_train` modules are trained whole beside the adapter; `lr_scales` gives
-    parameters whose name contains a key lr × its value. Returns the trained model and the run's summary
-    for the manifest."""
+    parameters whose name contains a key lr × its value. `rebuild()` makes `model` again, untrained (under
+    FSDP the trained weights are gathered into it). Returns the trained model (None on the processes of a
+    sharded run that do not write) and the run's summary for the manifest."""
     training = options.training
-    trainable = model
-    if training.lora_rank:
-        spec = lora.LoraSpec(rank=training.lora_rank, alpha=training.lora_alpha, roles="attn")
-        trainable = lora.attach(model, lora.peft_config(arch, spec))
-        for module in also_train or []:
-            module.requires_grad_(True)  # peft froze everything but the adapter
+    trainable = with_adapter(model, arch, training, also_train)
     batches = ShuffledWindows({"input_ids": windows}, batch_size=training.batch_size, seed=training.seed)
     cpu_started = time.process_time()
     result = train(trainable, batches, train_config(training, description, lr_scales), before_step=before_step,
-                   loss_fn=loss_fn, tag=tag)
+                   loss_fn=loss_fn, tag=tag, sharded_ok=True)
     summary = result.summary()
     summary.pop("evals", None)
     summary["cpu_minutes"] = round((time.process_time() - cpu_started) / 60, 2)
     summary["lora_rank"] = training.lora_rank
-    return (lora.merge(trainable) if training.lora_rank else trainable), summary
+    trainable = trained_model(trainable, result, lambda: with_adapter(rebuild(), arch, training))
+    if trainable is None or not training.lora_rank:
+        return trainable, summary
+    return lora.merge(trainable), summary
 
 
 def write_trained(model, checkpoint: Checkpoint, target: str, config: dict, options: ExtendOptions, force: bool,
