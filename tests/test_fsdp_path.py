@@ -10,53 +10,43 @@ from __future__ import annotations
 
 import pytest
 
+import lctool.train.loop as loop
 from lctool.errors import LctoolError
-from tests.reliability.common import tree_digest
-from tests.test_finetune import TEXT
-from tests.tiny_models import save_tiny
+from tests.reliability.common import Workspace, tree_digest
 
-RUNS = {
-    "finetune": ["finetune", "{src}", "{out}", "--data", "{text}", "--seq-len", "32", "--batch", "2", "--steps", "2",
-                 "--lora-r", "4", "--seed", "3"],
-    "finetune-merged": ["finetune", "{src}", "{out}", "--data", "{text}", "--seq-len", "32", "--batch", "2",
-                        "--steps", "2", "--lora-r", "4", "--seed", "3", "--merge"],
-    "e2llm": ["extend", "{src}", "{out}", "--method", "e2llm", "--factor", "2", "--steps", "2", "--corpus", "{text}",
-              "--batch-size", "2", "--seed", "1"],
-    "e2llm-lora": ["extend", "{src}", "{out}", "--method", "e2llm", "--factor", "2", "--steps", "2", "--corpus",
-                   "{text}", "--batch-size", "2", "--seed", "1", "--lora-rank", "4"],
-    "clex": ["extend", "{src}", "{out}", "--method", "clex", "--factor", "2", "--steps", "2", "--corpus", "{text}",
-             "--batch-size", "2", "--seed", "1"],
-}
+NAMES = ("finetune", "finetune-merged", "extend-e2llm", "extend-e2llm-lora", "extend-clex")
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("fsdp")
-    text = folder / "text.txt"
-    text.write_text((TEXT * 24 + "\n") * 12)
-    return {"src": save_tiny(str(folder / "src")), "text": str(text)}
+def workspace(tmp_path_factory):
+    return Workspace(str(tmp_path_factory.mktemp("fsdp")))
 
 
-def _run(run_cli, name, inputs, out):
-    args = [a.format(out=out, **inputs) for a in RUNS[name]]
+def _run(run_cli, workspace, name, out):
+    """The reliability suite's command for `name`; the -lora and -clex variants are E²-LLM's with LoRA or CLEX."""
+    args = workspace.command(name.removesuffix("-lora").replace("clex", "e2llm"), str(out))
+    if name.endswith("-lora"):
+        args += ["--lora-rank", "4"]
+    if name.endswith("clex"):
+        args[args.index("e2llm")] = "clex"
     code, _, stderr = run_cli("-q", *args)
     assert code == 0, stderr
 
 
-@pytest.mark.parametrize("name", list(RUNS))
-def test_sharded_runs_write_what_unsharded_runs_write(run_cli, inputs, tmp_path, monkeypatch, name):
-    _run(run_cli, name, inputs, tmp_path / "plain")
+@pytest.mark.parametrize("name", NAMES)
+def test_sharded_runs_write_what_unsharded_runs_write(run_cli, workspace, tmp_path, monkeypatch, name):
+    _run(run_cli, workspace, name, tmp_path / "plain")
     gathered = []
-    real_trained_model = __import__("lctool.train.loop", fromlist=["trained_model"]).trained_model
+    real_trained_model = loop.trained_model
 
     def spying_trained_model(model, result, rebuild):
         gathered.append(result.full_state_dict)
         return real_trained_model(model, result, rebuild)
 
-    monkeypatch.setattr("lctool.train.loop.is_sharded", lambda accelerator: True)
+    monkeypatch.setattr(loop, "is_sharded", lambda accelerator: True)
     for module in ("lctool.ops.finetune", "lctool.ops.extend.finetune", "lctool.train"):
         monkeypatch.setattr(f"{module}.trained_model", spying_trained_model, raising=False)
-    _run(run_cli, name, inputs, tmp_path / "sharded")
+    _run(run_cli, workspace, name, tmp_path / "sharded")
     assert gathered and gathered[0], "the write did not go through the gathered state dict"
     assert tree_digest(str(tmp_path / "sharded")) == tree_digest(str(tmp_path / "plain"))
 
@@ -66,7 +56,7 @@ def test_trainers_that_cannot_gather_refuse_fsdp(monkeypatch):
 
     from lctool.train import ShuffledWindows, TrainConfig, train
 
-    monkeypatch.setattr("lctool.train.loop.is_sharded", lambda accelerator: True)
+    monkeypatch.setattr(loop, "is_sharded", lambda accelerator: True)
     model = torch.nn.Linear(4, 4)
     data = ShuffledWindows({"input_ids": torch.zeros(4, 8, dtype=torch.long)}, batch_size=2, seed=0)
     with pytest.raises(LctoolError, match="does not run under FSDP"):
